@@ -1,0 +1,343 @@
+package discovery
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/miekg/dns"
+)
+
+// Bounds on what one answer may contribute.
+const (
+	// MaxEndpoints is the most endpoints taken from one lookup; the rest are
+	// dropped and counted in Result.Dropped.
+	MaxEndpoints = 4096
+	// MaxCNAMEs is the longest CNAME chain followed inside one answer.
+	MaxCNAMEs = 8
+	// MaxTargetLookups is the most SRV targets without glue looked up per refresh.
+	MaxTargetLookups = 64
+	// fallbackTTL is used when an answer carries no usable TTL (no records, no SOA).
+	fallbackTTL = 5 * time.Second
+)
+
+// Endpoint is one address to dial.
+type Endpoint struct {
+	IP   netip.Addr
+	Port uint16
+	// Target is the SRV target the address came from; empty for A/AAAA lookups.
+	Target string
+	// Dial is "IP:port" (IPv6 in brackets), precomputed for the request path.
+	Dial string
+}
+
+// Result is what one refresh of a Service found.
+type Result struct {
+	// Endpoints, sorted by address then port, without duplicates. Empty when
+	// Outcome is NXDOMAIN or NODATA.
+	Endpoints []Endpoint
+	// Outcome is success, nxdomain or nodata (transient failures are errors).
+	Outcome Outcome
+	// TTL is the smallest TTL of the records used (the negative-caching TTL of
+	// the SOA for NXDOMAIN/NODATA).
+	TTL time.Duration
+	// Server is the DNS server that answered.
+	Server string
+	// Queries, Truncated: how many questions were asked, and how many UDP
+	// replies were truncated and asked again over TCP.
+	Queries, Truncated int
+	// Dropped counts records ignored because a bound was reached.
+	Dropped int
+}
+
+// Lookup resolves svc once: A and/or AAAA records of the FQDN plus the
+// configured port, or the SRV records of the named port with their targets'
+// addresses. A non-nil error is transient (timeout, SERVFAIL, REFUSED, network,
+// malformed): the caller should keep what it had.
+func (r *Resolver) Lookup(ctx context.Context, svc Service, v4, v6 bool) (Result, error) {
+	var types []uint16
+	if v4 {
+		types = append(types, dns.TypeA)
+	}
+	if v6 {
+		types = append(types, dns.TypeAAAA)
+	}
+	res := Result{Outcome: OutcomeNXDomain}
+	var eps []Endpoint
+	if !svc.SRV() {
+		for _, t := range types {
+			reply, err := r.Exchange(ctx, svc.FQDN, t)
+			res.account(reply, err)
+			if err != nil {
+				return res, err
+			}
+			ips, ttl, outcome := addresses(reply.Msg, svc.FQDN, t, &res.Dropped)
+			res.merge(outcome, ttl)
+			for _, ip := range ips {
+				eps = append(eps, Endpoint{IP: ip, Port: svc.Port})
+			}
+		}
+	} else {
+		var err error
+		if eps, err = r.lookupSRV(ctx, svc, types, &res); err != nil {
+			return res, err
+		}
+	}
+	res.Endpoints = finish(eps, &res.Dropped)
+	if len(res.Endpoints) > 0 {
+		res.Outcome = OutcomeSuccess
+	}
+	if res.TTL == 0 && res.Outcome != OutcomeSuccess {
+		res.TTL = fallbackTTL
+	}
+	return res, nil
+}
+
+func (r *Resolver) lookupSRV(ctx context.Context, svc Service, types []uint16, res *Result) ([]Endpoint, error) {
+	qname := svc.QName()
+	reply, err := r.Exchange(ctx, qname, dns.TypeSRV)
+	res.account(reply, err)
+	if err != nil {
+		return nil, err
+	}
+	srvs, ttl, outcome := srvRecords(reply.Msg, qname, &res.Dropped)
+	res.merge(outcome, ttl)
+	glue := glueAddresses(reply.Msg, srvs, types)
+
+	var eps []Endpoint
+	lookups := 0
+	for _, srv := range srvs {
+		target := strings.ToLower(srv.Target)
+		ips, ok := glue[target]
+		if !ok {
+			if lookups >= MaxTargetLookups {
+				res.Dropped++
+				continue
+			}
+			lookups++
+			for _, t := range types {
+				reply, err := r.Exchange(ctx, target, t)
+				res.account(reply, err)
+				if err != nil {
+					return nil, fmt.Errorf("SRV target %s of %s: %w", strings.TrimSuffix(target, "."), strings.TrimSuffix(qname, "."), err)
+				}
+				got, tttl, _ := addresses(reply.Msg, target, t, &res.Dropped)
+				if len(got) > 0 {
+					res.TTL = minTTL(res.TTL, tttl)
+				}
+				ips = append(ips, got...)
+			}
+		}
+		for _, ip := range ips {
+			eps = append(eps, Endpoint{IP: ip, Port: srv.Port, Target: target})
+		}
+	}
+	return eps, nil
+}
+
+// account records what a question cost.
+func (res *Result) account(reply Reply, err error) {
+	res.Queries++
+	if reply.Truncated {
+		res.Truncated++
+	}
+	if err == nil {
+		res.Server = reply.Server
+	}
+}
+
+// merge combines per-question outcomes: any records make it a success, NODATA
+// beats NXDOMAIN (the name exists).
+func (res *Result) merge(o Outcome, ttl time.Duration) {
+	switch {
+	case o == OutcomeSuccess:
+		res.Outcome = OutcomeSuccess
+	case o == OutcomeNoData && res.Outcome == OutcomeNXDomain:
+		res.Outcome = OutcomeNoData
+	}
+	res.TTL = minTTL(res.TTL, ttl)
+}
+
+func minTTL(a, b time.Duration) time.Duration {
+	if a == 0 || (b != 0 && b < a) {
+		return b
+	}
+	return a
+}
+
+// owners follows the CNAME chain for name inside the answer section and
+// returns every name whose records belong to the question (lowercased).
+func owners(m *dns.Msg, name string) map[string]bool {
+	own := map[string]bool{strings.ToLower(name): true}
+	cur := strings.ToLower(name)
+	for range MaxCNAMEs {
+		next := ""
+		for _, rr := range m.Answer {
+			if c, ok := rr.(*dns.CNAME); ok && strings.EqualFold(c.Hdr.Name, cur) {
+				next = strings.ToLower(c.Target)
+				break
+			}
+		}
+		if next == "" || own[next] {
+			break
+		}
+		own[next] = true
+		cur = next
+	}
+	return own
+}
+
+// addresses takes the A or AAAA records for name (following CNAMEs) from an
+// answer. Records for other names are ignored.
+func addresses(m *dns.Msg, name string, qtype uint16, dropped *int) ([]netip.Addr, time.Duration, Outcome) {
+	if m.Rcode == dns.RcodeNameError {
+		return nil, negativeTTL(m), OutcomeNXDomain
+	}
+	own := owners(m, name)
+	var ips []netip.Addr
+	var ttl time.Duration
+	for _, rr := range m.Answer {
+		h := rr.Header()
+		if h.Rrtype != qtype || !own[strings.ToLower(h.Name)] {
+			continue
+		}
+		ip, ok := rrAddr(rr)
+		if !ok {
+			continue
+		}
+		if len(ips) >= MaxEndpoints {
+			*dropped++
+			continue
+		}
+		ips = append(ips, ip)
+		ttl = minTTL(ttl, ttlOf(h))
+	}
+	if len(ips) == 0 {
+		return nil, negativeTTL(m), OutcomeNoData
+	}
+	return ips, ttl, OutcomeSuccess
+}
+
+// srvRecords takes the SRV records for qname (following CNAMEs) from an answer.
+func srvRecords(m *dns.Msg, qname string, dropped *int) ([]*dns.SRV, time.Duration, Outcome) {
+	if m.Rcode == dns.RcodeNameError {
+		return nil, negativeTTL(m), OutcomeNXDomain
+	}
+	own := owners(m, qname)
+	var srvs []*dns.SRV
+	var ttl time.Duration
+	for _, rr := range m.Answer {
+		srv, ok := rr.(*dns.SRV)
+		if !ok || !own[strings.ToLower(srv.Hdr.Name)] || srv.Port == 0 || srv.Target == "." {
+			continue
+		}
+		if len(srvs) >= MaxEndpoints {
+			*dropped++
+			continue
+		}
+		srvs = append(srvs, srv)
+		ttl = minTTL(ttl, ttlOf(&srv.Hdr))
+	}
+	if len(srvs) == 0 {
+		return nil, negativeTTL(m), OutcomeNoData
+	}
+	return srvs, ttl, OutcomeSuccess
+}
+
+// glueAddresses maps each SRV target to its addresses found in the additional
+// section, for the wanted record types. Targets without glue are absent.
+func glueAddresses(m *dns.Msg, srvs []*dns.SRV, types []uint16) map[string][]netip.Addr {
+	targets := make(map[string]bool, len(srvs))
+	for _, s := range srvs {
+		targets[strings.ToLower(s.Target)] = true
+	}
+	glue := make(map[string][]netip.Addr, len(srvs))
+	for _, rr := range m.Extra {
+		h := rr.Header()
+		name := strings.ToLower(h.Name)
+		if !targets[name] || !slices.Contains(types, h.Rrtype) {
+			continue
+		}
+		if ip, ok := rrAddr(rr); ok && len(glue[name]) < MaxEndpoints {
+			glue[name] = append(glue[name], ip)
+		}
+	}
+	// A target with glue of an unwanted family only (say AAAA when asking for
+	// IPv4) has no usable address: record it as resolved-to-nothing rather than
+	// looking it up again.
+	for _, rr := range m.Extra {
+		name := strings.ToLower(rr.Header().Name)
+		if t := rr.Header().Rrtype; targets[name] && (t == dns.TypeA || t == dns.TypeAAAA) {
+			if _, ok := glue[name]; !ok {
+				glue[name] = nil
+			}
+		}
+	}
+	return glue
+}
+
+func rrAddr(rr dns.RR) (netip.Addr, bool) {
+	var ip net.IP
+	switch rr := rr.(type) {
+	case *dns.A:
+		ip = rr.A.To4()
+	case *dns.AAAA:
+		ip = rr.AAAA.To16()
+		if ip.To4() != nil { // an IPv4-mapped address in AAAA is not an IPv6 endpoint
+			return netip.Addr{}, false
+		}
+	}
+	a, ok := netip.AddrFromSlice(ip)
+	if !ok || !a.IsValid() || a.IsUnspecified() || a.IsMulticast() {
+		return netip.Addr{}, false
+	}
+	return a, true
+}
+
+func ttlOf(h *dns.RR_Header) time.Duration {
+	if h.Ttl == 0 {
+		return time.Second // TTL 0 means "do not cache": re-check at the minimum
+	}
+	return time.Duration(min(h.Ttl, 1<<31-1)) * time.Second
+}
+
+// negativeTTL is the NXDOMAIN/NODATA caching time of RFC 2308: min(SOA TTL, SOA MINIMUM).
+func negativeTTL(m *dns.Msg) time.Duration {
+	for _, rr := range m.Ns {
+		if soa, ok := rr.(*dns.SOA); ok {
+			t := min(soa.Hdr.Ttl, soa.Minttl)
+			if t == 0 {
+				return time.Second
+			}
+			return time.Duration(min(t, 1<<31-1)) * time.Second
+		}
+	}
+	return 0
+}
+
+// finish sorts, deduplicates, bounds and fills in Dial.
+func finish(eps []Endpoint, dropped *int) []Endpoint {
+	slices.SortFunc(eps, func(a, b Endpoint) int {
+		if c := a.IP.Compare(b.IP); c != 0 {
+			return c
+		}
+		if a.Port != b.Port {
+			return int(a.Port) - int(b.Port)
+		}
+		return strings.Compare(a.Target, b.Target)
+	})
+	eps = slices.CompactFunc(eps, func(a, b Endpoint) bool { return a.IP == b.IP && a.Port == b.Port })
+	if len(eps) > MaxEndpoints {
+		*dropped += len(eps) - MaxEndpoints
+		eps = eps[:MaxEndpoints:MaxEndpoints]
+	}
+	for i := range eps {
+		eps[i].Dial = net.JoinHostPort(eps[i].IP.String(), strconv.Itoa(int(eps[i].Port)))
+	}
+	return slices.Clip(eps)
+}

@@ -1,0 +1,18 @@
+// Package discovery turns a Kubernetes headless Service reference into a live,
+// sorted set of IP:port endpoints by asking the cluster's DNS, and keeps that set
+// fresh in the background.
+//
+// Read it top to bottom as "ask DNS, keep the answer fresh, hand it out":
+//
+//   - service.go: a reference such as "backend.bbs:http" becomes a Service (FQDN,
+//     record type, port) using the pod's namespace and cluster domain.
+//   - resolver.go: one DNS question to a list of servers (EDNS0 over UDP, TCP when
+//     truncated, failover), with every outcome classified.
+//   - answer.go: a DNS reply becomes endpoints, taking only records that belong to
+//     the question and only a bounded number of them.
+//   - watcher.go: one Watcher per distinct question re-asks on a TTL-clamped,
+//     jittered timer, keeps the last good set on errors and publishes immutable
+//     Snapshots through an atomic pointer.
+//
+// Nothing in this package knows about Caddy; caddymodule is the glue.
+package discovery

@@ -1,0 +1,389 @@
+package discovery
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Config is everything a Watcher needs; Watchers with equal Configs are
+// interchangeable, which is what lets callers share them.
+type Config struct {
+	Service  Service
+	IPv4     bool // ask A records (or take A glue for SRV targets)
+	IPv6     bool // ask AAAA records (or take AAAA glue)
+	Resolver *Resolver
+	// RefreshMin and RefreshMax clamp the record TTL into the re-check interval.
+	RefreshMin, RefreshMax time.Duration
+	// Stale bounds how long the last good set is kept while lookups fail;
+	// 0 keeps it until DNS answers again.
+	Stale time.Duration
+	// OnLookup, if set, is called after every lookup (for metrics).
+	OnLookup func(LookupEvent)
+}
+
+// LookupEvent describes one finished refresh.
+type LookupEvent struct {
+	Service  Service
+	Outcome  Outcome
+	Duration time.Duration
+	Result   Result
+	Err      error
+}
+
+// MaxErrorBackoff caps the wait between attempts while lookups fail, so that
+// recovery is noticed within seconds whatever the refresh interval.
+const MaxErrorBackoff = 5 * time.Second
+
+// minKickGap rate-limits refreshes requested from outside (ResetCache on every
+// retried request must not turn into a DNS query per request).
+const minKickGap = 200 * time.Millisecond
+
+// Snapshot is an immutable view of a Watcher's state. Never modify one.
+type Snapshot struct {
+	Service Service
+	// Endpoints are the addresses to dial, sorted. Empty when the Service has no
+	// ready endpoints, or when the stale bound expired.
+	Endpoints []Endpoint
+	// Outcome of the last lookup.
+	Outcome Outcome
+	// TTL seen in the last successful answer.
+	TTL time.Duration
+	// Server that gave the last successful answer.
+	Server string
+	// Resolved is when DNS last answered definitively (records, NXDOMAIN or NODATA).
+	Resolved time.Time
+	// Err is the last lookup's error (nil after a success); ErrAt is when it happened.
+	Err   error
+	ErrAt time.Time
+	// StaleSince is when lookups started failing while endpoints were kept; zero
+	// when the set is fresh. Expired reports that Stale passed and the set was dropped.
+	StaleSince time.Time
+	Expired    bool
+	// Next is when the next lookup is due.
+	Next time.Time
+	// Seq counts lookups; a snapshot carries the number of the lookup that made it.
+	Seq uint64
+	// Unavailable is the error handed to requests when Endpoints is empty.
+	Unavailable error
+}
+
+// Stale reports whether the endpoints are kept from an earlier answer.
+func (s *Snapshot) Stale() bool { return !s.StaleSince.IsZero() }
+
+// Watcher keeps one Service's endpoints fresh in the background.
+type Watcher struct {
+	cfg    Config
+	logger atomic.Pointer[zap.Logger]
+	snap   atomic.Pointer[Snapshot]
+
+	kick   chan struct{}
+	cancel context.CancelFunc
+	done   chan struct{}
+
+	mu        sync.Mutex
+	published chan struct{} // closed and replaced on every publish
+
+	lastWarn time.Time // owned by the run goroutine
+}
+
+// ErrNotResolved is returned while a Service has never been resolved.
+var ErrNotResolved = errors.New("not resolved yet")
+
+// Start creates a Watcher and begins resolving at once, in the background.
+func Start(cfg Config, logger *zap.Logger) *Watcher {
+	if cfg.RefreshMin <= 0 {
+		cfg.RefreshMin = time.Second
+	}
+	if cfg.RefreshMax < cfg.RefreshMin {
+		cfg.RefreshMax = cfg.RefreshMin
+	}
+	if logger == nil {
+		logger = zap.NewNop()
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	w := &Watcher{
+		cfg:       cfg,
+		kick:      make(chan struct{}, 1),
+		cancel:    cancel,
+		done:      make(chan struct{}),
+		published: make(chan struct{}),
+	}
+	w.logger.Store(logger)
+	go w.run(ctx)
+	return w
+}
+
+// Config returns the configuration the Watcher runs with.
+func (w *Watcher) Config() Config { return w.cfg }
+
+// SetLogger replaces the logger, so a shared Watcher logs through the newest
+// configuration's logger.
+func (w *Watcher) SetLogger(l *zap.Logger) {
+	if l != nil {
+		w.logger.Store(l)
+	}
+}
+
+// Snapshot returns the current state; nil until the first lookup has finished.
+func (w *Watcher) Snapshot() *Snapshot { return w.snap.Load() }
+
+// Stop ends the refresh loop and waits for it, cancelling a lookup in flight.
+func (w *Watcher) Stop() {
+	w.cancel()
+	<-w.done
+}
+
+// Destruct stops the Watcher; it lets a caddy.UsagePool release it.
+func (w *Watcher) Destruct() error {
+	w.Stop()
+	return nil
+}
+
+// Refresh asks for a lookup soon, without waiting for it.
+func (w *Watcher) Refresh() {
+	select {
+	case w.kick <- struct{}{}:
+	default:
+	}
+}
+
+// RefreshNow asks for a lookup and waits until one that started after this call
+// has finished, or ctx ends.
+func (w *Watcher) RefreshNow(ctx context.Context) (*Snapshot, error) {
+	var after uint64
+	if s := w.snap.Load(); s != nil {
+		after = s.Seq
+	}
+	for {
+		w.mu.Lock()
+		ch := w.published
+		w.mu.Unlock()
+		w.Refresh()
+		// The lookup in flight, if any, may have started before this call: wait
+		// for the one after it.
+		if s := w.snap.Load(); s != nil && s.Seq > after+1 {
+			return s, nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return w.snap.Load(), ctx.Err()
+		case <-w.done:
+			return w.snap.Load(), errors.New("watcher stopped")
+		}
+	}
+}
+
+// Wait returns the snapshot, waiting for the first lookup to finish if there is
+// none yet, for at most timeout or until ctx ends.
+func (w *Watcher) Wait(ctx context.Context, timeout time.Duration) *Snapshot {
+	if s := w.snap.Load(); s != nil {
+		return s
+	}
+	w.mu.Lock()
+	ch := w.published
+	w.mu.Unlock()
+	if s := w.snap.Load(); s != nil {
+		return s
+	}
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case <-ch:
+	case <-t.C:
+	case <-ctx.Done():
+	case <-w.done:
+	}
+	return w.snap.Load()
+}
+
+func (w *Watcher) publish(s *Snapshot) {
+	w.snap.Store(s)
+	w.mu.Lock()
+	close(w.published)
+	w.published = make(chan struct{})
+	w.mu.Unlock()
+}
+
+func (w *Watcher) run(ctx context.Context) {
+	defer close(w.done)
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	var seq uint64
+	var failures int
+	var lastStart time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-timer.C:
+		case <-w.kick:
+			if gap := time.Since(lastStart); gap < minKickGap {
+				// Refreshed a moment ago: do the requested one after the gap.
+				timer.Reset(minKickGap - gap)
+				continue
+			}
+		}
+		seq++
+		lastStart = time.Now()
+		res, err := w.cfg.Resolver.Lookup(ctx, w.cfg.Service, w.cfg.IPv4, w.cfg.IPv6)
+		if ctx.Err() != nil {
+			return
+		}
+		now := time.Now()
+		if err != nil {
+			failures++
+		} else {
+			failures = 0
+		}
+		s := w.next(w.snap.Load(), res, err, now, seq, failures)
+		if w.cfg.OnLookup != nil {
+			w.cfg.OnLookup(LookupEvent{Service: w.cfg.Service, Outcome: s.Outcome, Duration: now.Sub(lastStart), Result: res, Err: err})
+		}
+		w.publish(s)
+		if !timer.Stop() {
+			select {
+			case <-timer.C:
+			default:
+			}
+		}
+		timer.Reset(s.Next.Sub(now))
+	}
+}
+
+// next computes the snapshot that follows prev after a lookup, logs what
+// changed, and schedules the next lookup.
+func (w *Watcher) next(prev *Snapshot, res Result, err error, now time.Time, seq uint64, failures int) *Snapshot {
+	log := w.logger.Load()
+	svc := w.cfg.Service
+	s := &Snapshot{Service: svc, Seq: seq}
+	if prev != nil {
+		*s = *prev
+		s.Seq = seq
+	}
+	if err == nil {
+		s.Endpoints, s.Outcome, s.TTL, s.Server = res.Endpoints, res.Outcome, res.TTL, res.Server
+		s.Resolved, s.Err, s.ErrAt, s.StaleSince, s.Expired = now, nil, time.Time{}, time.Time{}, false
+		s.Next = now.Add(jitter(clamp(res.TTL, w.cfg.RefreshMin, w.cfg.RefreshMax)))
+		if len(s.Endpoints) == 0 {
+			s.Unavailable = fmt.Errorf("service %s has no ready endpoints (%s from DNS server %s): check the Service's EndpointSlices and readiness",
+				svc, strings.ToUpper(string(res.Outcome)), res.Server)
+		} else {
+			s.Unavailable = nil
+		}
+		w.logChange(log, prev, s, res)
+		if res.Dropped > 0 {
+			log.Warn("DNS answer exceeded a bound; extra records ignored",
+				zap.String("service", svc.String()), zap.Int("dropped", res.Dropped))
+		}
+		return s
+	}
+
+	// A transient failure: keep what we have, within the stale bound.
+	backoff := min(250*time.Millisecond<<min(failures-1, 10), MaxErrorBackoff, w.cfg.RefreshMax)
+	s.Next = now.Add(jitter(backoff))
+	s.Outcome, s.Err, s.ErrAt = outcomeOf(err), err, now
+	var consequence string
+	switch {
+	case s.Resolved.IsZero():
+		s.Unavailable = fmt.Errorf("service %s: %w: %v", svc, ErrNotResolved, err)
+		consequence = "no endpoints yet: requests to " + svc.String() + " will fail until DNS answers"
+	case len(s.Endpoints) == 0:
+		s.Unavailable = fmt.Errorf("service %s has no endpoints and DNS fails: %v", svc, err)
+		consequence = "no endpoints: requests to " + svc.String() + " will fail"
+	default:
+		if s.StaleSince.IsZero() {
+			s.StaleSince = now
+		}
+		if w.cfg.Stale > 0 {
+			deadline := s.StaleSince.Add(w.cfg.Stale)
+			if !now.Before(deadline) {
+				s.Endpoints, s.Expired = nil, true
+				s.Unavailable = fmt.Errorf("service %s: DNS has failed for %s, longer than stale %s, so its endpoints were dropped: %v",
+					svc, now.Sub(s.StaleSince).Round(time.Second), w.cfg.Stale, err)
+				log.Warn("DNS refresh failed past the stale bound; dropping endpoints: requests to "+svc.String()+" will fail",
+					zap.String("service", svc.String()), zap.Int("dropped", len(prev.Endpoints)), zap.Error(err))
+				w.lastWarn = now
+				return s
+			}
+			if deadline.Before(s.Next) {
+				s.Next = deadline
+			}
+		}
+		consequence = fmt.Sprintf("keeping %d endpoints from %s ago", len(s.Endpoints), now.Sub(s.Resolved).Round(time.Second))
+	}
+	// Warn when failures start or the error changes, then at most every 30 s.
+	if prev == nil || prev.Err == nil || prev.Err.Error() != err.Error() || now.Sub(w.lastWarn) >= 30*time.Second {
+		log.Warn("DNS refresh failed; "+consequence,
+			zap.String("service", svc.String()), zap.Int("failures", failures), zap.Error(err))
+		w.lastWarn = now
+	}
+	return s
+}
+
+func (w *Watcher) logChange(log *zap.Logger, prev, s *Snapshot, res Result) {
+	var old []Endpoint
+	if prev != nil {
+		old = prev.Endpoints
+	}
+	added, removed := diff(old, s.Endpoints)
+	if prev != nil && prev.Err != nil {
+		log.Info("DNS refresh recovered", zap.String("service", w.cfg.Service.String()),
+			zap.Int("endpoints", len(s.Endpoints)), zap.Duration("failing_for", s.Resolved.Sub(prev.ErrAt)))
+	}
+	if len(added) > 0 || len(removed) > 0 || prev == nil || prev.Expired {
+		log.Info("endpoints changed", zap.String("service", w.cfg.Service.String()),
+			zap.Strings("added", added), zap.Strings("removed", removed),
+			zap.Int("endpoints", len(s.Endpoints)), zap.String("outcome", string(res.Outcome)),
+			zap.String("server", res.Server))
+	}
+	if c := log.Check(zap.DebugLevel, "lookup"); c != nil {
+		c.Write(zap.String("service", w.cfg.Service.String()), zap.String("outcome", string(res.Outcome)),
+			zap.Int("endpoints", len(s.Endpoints)), zap.Duration("ttl", res.TTL), zap.String("server", res.Server),
+			zap.Int("queries", res.Queries), zap.Int("truncated", res.Truncated))
+	}
+}
+
+// diff lists the dial addresses only in b (added) and only in a (removed); both are sorted.
+func diff(a, b []Endpoint) (added, removed []string) {
+	in := make(map[string]bool, len(a))
+	for _, e := range a {
+		in[e.Dial] = true
+	}
+	for _, e := range b {
+		if !in[e.Dial] {
+			added = append(added, e.Dial)
+		}
+		delete(in, e.Dial)
+	}
+	for _, e := range a {
+		if in[e.Dial] {
+			removed = append(removed, e.Dial)
+		}
+	}
+	return added, removed
+}
+
+func outcomeOf(err error) Outcome {
+	var le *LookupError
+	if errors.As(err, &le) {
+		return le.Outcome
+	}
+	return OutcomeNetwork
+}
+
+func clamp(d, lo, hi time.Duration) time.Duration { return max(lo, min(d, hi)) }
+
+// jitter shortens d by up to 10%, so watchers started together spread out and
+// the interval never exceeds its bound.
+func jitter(d time.Duration) time.Duration {
+	return d - time.Duration(rand.Int64N(int64(d)/10+1))
+}

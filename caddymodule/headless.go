@@ -1,0 +1,264 @@
+// Package caddymodule plugs the discovery core into Caddy: the
+// http.reverse_proxy.upstreams.headless upstream source and its Caddyfile syntax.
+package caddymodule
+
+import (
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+
+	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
+)
+
+func init() {
+	caddy.RegisterModule(Headless{})
+}
+
+// Headless is a dynamic upstream source that sends requests to the endpoints of
+// a Kubernetes headless Service, found through the cluster's DNS. The endpoint
+// set is refreshed in the background, so requests never wait on DNS (except the
+// very first one for a Service, at most dial_timeout); upstreams are dialed by
+// IP address, in a stable (sorted) order.
+//
+// Every handler and every config that asks the same question shares one
+// background watcher, and a config reload keeps it running.
+type Headless struct {
+	// The Service to send requests to: `svc`, `svc.namespace`, or a fully
+	// qualified name (`svc.ns.svc.cluster.local`, a per-pod name such as
+	// `web-0.web.ns.svc.cluster.local`, or any name ending in `.`), then `:port`.
+	// A port number means the A/AAAA records of the name plus that port; a port
+	// name means the SRV records `_name._tcp.<fqdn>` of that named port, whose
+	// ports are used. Required.
+	Service string `json:"service,omitempty"`
+
+	// DNS servers to ask, as `host` or `host:port` (port 53 by default). They
+	// are tried in turn, starting with the one that answered last. Default: the
+	// nameservers in /etc/resolv.conf.
+	Resolvers []string `json:"resolvers,omitempty"`
+
+	// The namespace that `svc` references are completed with. Default: the pod's
+	// namespace (from the service-account namespace file, else the resolv.conf
+	// search list), else `default`.
+	Namespace string `json:"namespace,omitempty"`
+
+	// The cluster's DNS domain. Default: from the `svc.<domain>` entry of the
+	// resolv.conf search list, else `cluster.local`.
+	ClusterDomain string `json:"cluster_domain,omitempty"`
+
+	// The shortest interval between re-checks. The record TTL is clamped to
+	// [refresh_min, refresh_max], then shortened by up to 10% of jitter.
+	// Default: 1s — cluster DNS answers from memory and shows a pod change within
+	// tens of milliseconds, so its TTLs (5–30 s) need not be waited for.
+	RefreshMin caddy.Duration `json:"refresh_min,omitempty"`
+
+	// The longest interval between re-checks; set it above refresh_min to let
+	// the long TTLs of non-cluster DNS lengthen the interval. Default: refresh_min.
+	// After an error the next attempt comes sooner: 250ms, doubling, at most 5s.
+	RefreshMax caddy.Duration `json:"refresh_max,omitempty"`
+
+	// How long the last good endpoints are kept while DNS fails (timeouts,
+	// SERVFAIL, REFUSED, network errors), counted from the first failure. After
+	// that the set is dropped and requests fail. Default: 0, keep them until DNS
+	// answers again. (NXDOMAIN and NODATA are answers, not failures: they mean
+	// the Service has no ready endpoints, and empty the set at once.)
+	Stale caddy.Duration `json:"stale,omitempty"`
+
+	// The IP versions to use: `ipv4` means A records (or A glue of SRV
+	// targets), `ipv6` means AAAA. Default: both.
+	Versions *reverseproxy.IPVersions `json:"versions,omitempty"`
+
+	// How long one DNS server may take to answer, and how long the very first
+	// request for a Service waits for its first resolution. Default: 2s.
+	DialTimeout caddy.Duration `json:"dial_timeout,omitempty"`
+
+	// The EDNS0 UDP buffer size advertised to the DNS server; replies larger
+	// than this come back truncated and are asked again over TCP. Default: 1232.
+	EDNSBufferSize int `json:"edns_buffer_size,omitempty"`
+
+	key     string
+	watcher *discovery.Watcher
+	timeout time.Duration
+}
+
+// CaddyModule returns the Caddy module information.
+func (Headless) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.reverse_proxy.upstreams.headless",
+		New: func() caddy.Module { return new(Headless) },
+	}
+}
+
+// environment is where pod defaults are read from; tests point it at fixtures.
+var environment discovery.Environment
+
+// watchers holds one *discovery.Watcher per distinct question, shared by every
+// handler of every loaded config; the last Cleanup stops it.
+var watchers = caddy.NewUsagePool()
+
+// Provision parses the Service, fills in the defaults and attaches to the
+// shared watcher, starting it if nobody asks this question yet. It never waits
+// on DNS, so it succeeds offline.
+func (h *Headless) Provision(ctx caddy.Context) error {
+	cfg, err := h.config()
+	if err != nil {
+		return err
+	}
+	h.timeout = cfg.Resolver.Timeout
+	h.key = watcherKey(cfg)
+	val, _, err := watchers.LoadOrNew(h.key, func() (caddy.Destructor, error) {
+		return discovery.Start(cfg, ctx.Logger()), nil
+	})
+	if err != nil {
+		return err
+	}
+	h.watcher = val.(*discovery.Watcher)
+	h.watcher.SetLogger(ctx.Logger())
+	return nil
+}
+
+// config validates the fields and turns them into a watcher configuration.
+func (h *Headless) config() (discovery.Config, error) {
+	det := environment.Detect()
+	def := det.Defaults
+	if h.Namespace != "" {
+		if err := checkLabel("namespace", h.Namespace); err != nil {
+			return discovery.Config{}, err
+		}
+		def.Namespace = h.Namespace
+	}
+	if h.ClusterDomain != "" {
+		def.ClusterDomain = h.ClusterDomain
+	}
+	if h.Service == "" {
+		return discovery.Config{}, fmt.Errorf("headless: service is required (e.g. backend.bbs:http)")
+	}
+	svc, err := discovery.ParseService(h.Service, def)
+	if err != nil {
+		return discovery.Config{}, fmt.Errorf("headless: %w", err)
+	}
+	servers := h.Resolvers
+	if len(servers) == 0 {
+		servers = det.Resolvers
+	}
+	res := &discovery.Resolver{Timeout: time.Duration(h.DialTimeout), UDPSize: uint16(h.EDNSBufferSize)}
+	for _, s := range servers {
+		addr, err := discovery.NormalizeServer(s)
+		if err != nil {
+			return discovery.Config{}, fmt.Errorf("headless %s: resolvers: %w", h.Service, err)
+		}
+		res.Servers = append(res.Servers, addr)
+	}
+	if res.Timeout == 0 {
+		res.Timeout = discovery.DefaultTimeout
+	}
+	if res.UDPSize == 0 {
+		res.UDPSize = discovery.DefaultUDPSize
+	}
+	cfg := discovery.Config{
+		Service:    svc,
+		IPv4:       true,
+		IPv6:       true,
+		Resolver:   res,
+		RefreshMin: time.Duration(h.RefreshMin),
+		RefreshMax: time.Duration(h.RefreshMax),
+		Stale:      time.Duration(h.Stale),
+	}
+	if v := h.Versions; v != nil && (v.IPv4 != nil || v.IPv6 != nil) {
+		cfg.IPv4 = v.IPv4 != nil && *v.IPv4
+		cfg.IPv6 = v.IPv6 != nil && *v.IPv6
+	}
+	if cfg.RefreshMin == 0 {
+		cfg.RefreshMin = time.Second
+	}
+	if cfg.RefreshMax == 0 {
+		cfg.RefreshMax = cfg.RefreshMin
+	}
+	switch {
+	case !cfg.IPv4 && !cfg.IPv6:
+		return cfg, fmt.Errorf("headless %s: versions: enable ipv4, ipv6 or both", h.Service)
+	case cfg.RefreshMin < 0 || cfg.RefreshMax < cfg.RefreshMin:
+		return cfg, fmt.Errorf("headless %s: refresh: need 0 < min <= max, got min %s max %s", h.Service, cfg.RefreshMin, cfg.RefreshMax)
+	case cfg.Stale < 0:
+		return cfg, fmt.Errorf("headless %s: stale must not be negative", h.Service)
+	case res.Timeout < 0:
+		return cfg, fmt.Errorf("headless %s: dial_timeout must not be negative", h.Service)
+	case h.EDNSBufferSize != 0 && (h.EDNSBufferSize < 512 || h.EDNSBufferSize > 65535):
+		return cfg, fmt.Errorf("headless %s: edns_buffer_size must be in 512-65535, got %d", h.Service, h.EDNSBufferSize)
+	}
+	return cfg, nil
+}
+
+// watcherKey identifies a question and how it is asked: equal keys share a watcher.
+func watcherKey(c discovery.Config) string {
+	return fmt.Sprintf("%s port=%d v4=%t v6=%t servers=%s timeout=%s udp=%d refresh=%s-%s stale=%s",
+		c.Service.QName(), c.Service.Port, c.IPv4, c.IPv6, strings.Join(c.Resolver.Servers, ","),
+		c.Resolver.Timeout, c.Resolver.UDPSize, c.RefreshMin, c.RefreshMax, c.Stale)
+}
+
+// GetUpstreams returns the current endpoints as fresh upstreams (Caddy writes
+// into them), in one allocation for all of them. It reads an immutable
+// snapshot; it waits for DNS only if this Service was never resolved yet.
+func (h *Headless) GetUpstreams(r *http.Request) ([]*reverseproxy.Upstream, error) {
+	s := h.watcher.Snapshot()
+	if s == nil {
+		s = h.watcher.Wait(r.Context(), h.timeout)
+		if s == nil {
+			return nil, fmt.Errorf("service %s: %w within %s", h.watcher.Config().Service, discovery.ErrNotResolved, h.timeout)
+		}
+	}
+	n := len(s.Endpoints)
+	if n == 0 {
+		return nil, s.Unavailable
+	}
+	block := make([]reverseproxy.Upstream, n)
+	ups := make([]*reverseproxy.Upstream, n)
+	for i := range block {
+		block[i].Dial = s.Endpoints[i].Dial
+		ups[i] = &block[i]
+	}
+	return ups, nil
+}
+
+// ResetCache is called by reverse_proxy before retrying a failed request. It
+// asks the watcher for a refresh in the background (rate-limited) rather than
+// looking anything up on the request path.
+func (h *Headless) ResetCache(*http.Request) error {
+	h.watcher.Refresh()
+	return nil
+}
+
+// Cleanup releases the shared watcher; the last user stops it.
+func (h *Headless) Cleanup() error {
+	if h.key == "" {
+		return nil
+	}
+	_, err := watchers.Delete(h.key)
+	return err
+}
+
+// String names the source in Caddy's logs.
+func (h *Headless) String() string { return "headless " + h.Service }
+
+func checkLabel(field, v string) error {
+	if len(v) > 63 || v == "" {
+		return fmt.Errorf("headless: %s %q must be 1-63 characters", field, v)
+	}
+	for i, c := range v {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' && i > 0 && i < len(v)-1) {
+			return fmt.Errorf("headless: %s %q: use lowercase letters, digits and inner '-'", field, v)
+		}
+	}
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner                  = (*Headless)(nil)
+	_ caddy.CleanerUpper                 = (*Headless)(nil)
+	_ reverseproxy.UpstreamSource        = (*Headless)(nil)
+	_ reverseproxy.CachingUpstreamSource = (*Headless)(nil)
+)

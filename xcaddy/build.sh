@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds Caddy v2.11.9 with this checkout's caddy-headless plugin.
+# Usage: xcaddy/build.sh [OUTPUT]   (default: bin/caddy)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=${1:-$root/bin/caddy}
+case "$out" in /*) ;; *) out=$PWD/$out ;; esac
+CADDY_VERSION=${CADDY_VERSION:-v2.11.9}
+XCADDY_VERSION=v0.4.5
+gobin=$(go env GOPATH)/bin
+xcaddy=$gobin/xcaddy
+if ! [ -x "$xcaddy" ] || ! "$xcaddy" version 2>/dev/null | grep -q "${XCADDY_VERSION#v}"; then
+	echo "installing xcaddy $XCADDY_VERSION" >&2
+	go install "github.com/caddyserver/xcaddy/cmd/xcaddy@$XCADDY_VERSION"
+fi
+mkdir -p "$(dirname "$out")"
+# A pinned pseudo-version on the module side lets xcaddy replace an unpublished
+# module with this checkout (a plain "=path" asks the module proxy, which refuses it).
+cd "$root"
+XCADDY_SKIP_CLEANUP=0 "$xcaddy" build "$CADDY_VERSION" \
+	--output "$out" \
+	--with "github.com/caddy-headless/caddy-headless@v0.0.0-00010101000000-000000000000=$root"
+"$out" list-modules | grep -q '^http.reverse_proxy.upstreams.headless$' ||
+	{ echo "build.sh: $out lacks http.reverse_proxy.upstreams.headless" >&2; exit 1; }
+echo "built $out" >&2
