@@ -2,6 +2,7 @@ package discovery
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"strconv"
 	"strings"
@@ -63,6 +64,9 @@ func ParseService(ref string, def Defaults) (Service, error) {
 	fail := func(format string, args ...any) (Service, error) {
 		return Service{}, fmt.Errorf("service %q: "+format, append([]any{ref}, args...)...)
 	}
+	if h, _, _ := strings.Cut(ref, ":"); strings.HasPrefix(ref, "[") || net.ParseIP(h) != nil {
+		return fail("an IP address is not a service reference: use reverse_proxy's own upstreams for fixed addresses")
+	}
 	host, port, ok := strings.Cut(ref, ":")
 	if !ok || port == "" {
 		return fail("missing port: write it as svc.namespace:8080 (A/AAAA records) or svc.namespace:http (SRV records of the named port)")
@@ -111,30 +115,36 @@ func ParseService(ref string, def Defaults) (Service, error) {
 		return fail("%v", err)
 	}
 	s.FQDN = fqdn
+	if s.SRV() {
+		// _name._tcp. adds up to 21 bytes: the SRV name must fit the limit too.
+		if err := checkName(s.QName()); err != nil {
+			return fail("SRV name: %v", err)
+		}
+	}
 	return s, nil
 }
 
 // checkName accepts absolute DNS names made of letters, digits, hyphens and
 // underscores, each label 1–63 bytes, 253 bytes at most.
 func checkName(fqdn string) error {
-	if len(fqdn) > 254 {
-		return fmt.Errorf("name %q is longer than 253 characters", fqdn)
-	}
-	if _, ok := dns.IsDomainName(fqdn); !ok {
-		return fmt.Errorf("%q is not a valid DNS name", fqdn)
-	}
 	for _, l := range strings.Split(strings.TrimSuffix(fqdn, "."), ".") {
 		if l == "" || len(l) > 63 {
-			return fmt.Errorf("%q: label %q must be 1-63 characters", fqdn, l)
+			return fmt.Errorf("%q is not a valid DNS name: label %q must be 1-63 characters", fqdn, l)
 		}
 		if l[0] == '-' || l[len(l)-1] == '-' {
 			return fmt.Errorf("%q: label %q must not start or end with '-'", fqdn, l)
 		}
 		for _, c := range l {
 			if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
-				return fmt.Errorf("%q: label %q has %q; use letters, digits and '-'", fqdn, l, c)
+				return fmt.Errorf("%q is not a valid DNS name: label %q has %q; use letters, digits and '-'", fqdn, l, c)
 			}
 		}
+	}
+	if len(fqdn) > 254 {
+		return fmt.Errorf("name %q is longer than 253 characters", fqdn)
+	}
+	if _, ok := dns.IsDomainName(fqdn); !ok {
+		return fmt.Errorf("%q is not a valid DNS name", fqdn)
 	}
 	return nil
 }
