@@ -51,6 +51,8 @@ type Result struct {
 	// Queries, Truncated: how many questions were asked, and how many UDP
 	// replies were truncated and asked again over TCP.
 	Queries, Truncated int
+	// Partial counts replies truncated even over TCP (the server left records out).
+	Partial int
 	// Dropped counts records ignored because a bound was reached.
 	Dropped int
 }
@@ -110,34 +112,76 @@ func (r *Resolver) lookupSRV(ctx context.Context, svc Service, types []uint16, r
 	glue := glueAddresses(reply.Msg, srvs, types)
 
 	var eps []Endpoint
-	lookups := 0
+	var bare []*dns.SRV // targets without glue
 	for _, srv := range srvs {
 		target := strings.ToLower(srv.Target)
 		ips, ok := glue[target]
 		if !ok {
-			if lookups >= MaxTargetLookups {
-				res.Dropped++
-				continue
-			}
-			lookups++
-			for _, t := range types {
-				reply, err := r.Exchange(ctx, target, t)
-				res.account(reply, err)
-				if err != nil {
-					return nil, fmt.Errorf("SRV target %s of %s: %w", strings.TrimSuffix(target, "."), strings.TrimSuffix(qname, "."), err)
-				}
-				got, tttl, _ := addresses(reply.Msg, target, t, &res.Dropped)
-				if len(got) > 0 {
-					res.TTL = minTTL(res.TTL, tttl)
-				}
-				ips = append(ips, got...)
-			}
+			bare = append(bare, srv)
+			continue
 		}
 		for _, ip := range ips {
 			eps = append(eps, Endpoint{IP: ip, Port: srv.Port, Target: target})
 		}
 	}
+	if len(bare) == 0 {
+		return eps, nil
+	}
+	// More bare targets than we look up one by one: a Service so big that even
+	// the 64 KiB TCP reply had no room for all the glue. If the targets are the
+	// Service's own endpoint names on one port (as cluster DNS makes them), the
+	// Service name's A/AAAA records are exactly their addresses.
+	if len(bare) > MaxTargetLookups {
+		if port, ok := endpointNamesOnOnePort(bare, svc.FQDN); ok {
+			for _, t := range types {
+				reply, err := r.Exchange(ctx, svc.FQDN, t)
+				res.account(reply, err)
+				if err != nil {
+					return nil, fmt.Errorf("addresses of %s for SRV targets without glue: %w", strings.TrimSuffix(svc.FQDN, "."), err)
+				}
+				ips, tttl, _ := addresses(reply.Msg, svc.FQDN, t, &res.Dropped)
+				res.TTL = minTTL(res.TTL, tttl)
+				for _, ip := range ips {
+					eps = append(eps, Endpoint{IP: ip, Port: port})
+				}
+			}
+			return eps, nil
+		}
+		res.Dropped += len(bare) - MaxTargetLookups
+		bare = bare[:MaxTargetLookups]
+	}
+	for _, srv := range bare {
+		target := strings.ToLower(srv.Target)
+		for _, t := range types {
+			reply, err := r.Exchange(ctx, target, t)
+			res.account(reply, err)
+			if err != nil {
+				return nil, fmt.Errorf("SRV target %s of %s: %w", strings.TrimSuffix(target, "."), strings.TrimSuffix(qname, "."), err)
+			}
+			ips, tttl, _ := addresses(reply.Msg, target, t, &res.Dropped)
+			if len(ips) > 0 {
+				res.TTL = minTTL(res.TTL, tttl)
+			}
+			for _, ip := range ips {
+				eps = append(eps, Endpoint{IP: ip, Port: srv.Port, Target: target})
+			}
+		}
+	}
 	return eps, nil
+}
+
+// endpointNamesOnOnePort reports whether every SRV record points at a direct
+// child of fqdn (CoreDNS's "<hostname or dashed IP>.<service>" names) with the
+// same port, and that port.
+func endpointNamesOnOnePort(srvs []*dns.SRV, fqdn string) (uint16, bool) {
+	port := srvs[0].Port
+	for _, s := range srvs {
+		host, parent, _ := strings.Cut(strings.ToLower(s.Target), ".")
+		if s.Port != port || host == "" || parent != fqdn {
+			return 0, false
+		}
+	}
+	return port, true
 }
 
 // account records what a question cost.
@@ -145,6 +189,9 @@ func (res *Result) account(reply Reply, err error) {
 	res.Queries++
 	if reply.Truncated {
 		res.Truncated++
+	}
+	if reply.Partial {
+		res.Partial++
 	}
 	if err == nil {
 		res.Server = reply.Server

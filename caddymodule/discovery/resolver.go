@@ -71,6 +71,9 @@ type Reply struct {
 	Msg       *dns.Msg
 	Server    string
 	Truncated bool // the UDP reply was truncated, so the question was asked again over TCP
+	// Partial: even the TCP reply was truncated (more than 64 KiB of records): the
+	// server left some records out, additional ones first.
+	Partial bool
 }
 
 // DefaultTimeout and DefaultUDPSize are used when a Resolver leaves them zero.
@@ -135,9 +138,7 @@ func (r *Resolver) ask(ctx context.Context, q *dns.Msg, server string) (Reply, e
 		tcp := &dns.Client{Net: "tcp", Timeout: timeout}
 		m, _, err = tcp.ExchangeContext(actx, q, server)
 		reply.Msg = m
-		if err == nil && m.Truncated {
-			return fail(OutcomeBadAnswer, errors.New("reply truncated over TCP too"))
-		}
+		reply.Partial = err == nil && m.Truncated
 	}
 	if err != nil {
 		return fail(classifyNetErr(err), err)

@@ -3,7 +3,8 @@
 // authoritative answers, NXDOMAIN with the zone's SOA for names without records,
 // NODATA (SOA, no answer) for names with records of other types only, SRV
 // targets' addresses in the additional section, EDNS0-sized UDP replies with TC
-// set when they do not fit, and the full answer over TCP.
+// set when they do not fit, and up to 64 KiB over TCP (TC set if even that
+// does not hold everything, as CoreDNS does).
 //
 // Its contents are zone-file text, so a test reads like the DNS it describes:
 //
@@ -180,13 +181,16 @@ func (s *Server) serve(w dns.ResponseWriter, q *dns.Msg) {
 		m = new(dns.Msg)
 		m.SetRcode(q, rcode)
 	}
+	// Like CoreDNS (request.Scrub): fit UDP replies to the client's buffer and
+	// TCP replies to 64 KiB, dropping additional records first and setting TC.
+	size := dns.MaxMsgSize
 	if !tcp {
-		size := dns.MinMsgSize
+		size = dns.MinMsgSize
 		if o := q.IsEdns0(); o != nil {
 			size = int(o.UDPSize())
 		}
-		m.Truncate(size)
 	}
+	m.Truncate(size)
 	w.WriteMsg(m)
 }
 
