@@ -110,6 +110,7 @@ func (h *Headless) Provision(ctx caddy.Context) error {
 	h.timeout = cfg.Resolver.Timeout
 	h.key = watcherKey(cfg)
 	val, _, err := watchers.LoadOrNew(h.key, func() (caddy.Destructor, error) {
+		cfg.OnLookup = lookupStatsFor(h.key).observe
 		return discovery.Start(cfg, ctx.Logger()), nil
 	})
 	if err != nil {
@@ -117,7 +118,7 @@ func (h *Headless) Provision(ctx caddy.Context) error {
 	}
 	h.watcher = val.(*discovery.Watcher)
 	h.watcher.SetLogger(ctx.Logger())
-	return nil
+	return registerMetrics(ctx, h.key, h.watcher)
 }
 
 // config validates the fields and turns them into a watcher configuration.

@@ -1,0 +1,303 @@
+package caddymodule
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
+)
+
+func init() {
+	caddy.RegisterModule(adminHeadless{})
+}
+
+// adminHeadless serves /headless/ on Caddy's admin endpoint: what each watcher
+// has resolved, from which server, how old it is and the last error, and lets
+// an operator ask for a lookup now. Like every admin route it is only on the
+// admin listener, behind its host and origin checks.
+type adminHeadless struct{}
+
+// CaddyModule returns the Caddy module information.
+func (adminHeadless) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "admin.api.headless",
+		New: func() caddy.Module { return new(adminHeadless) },
+	}
+}
+
+// Routes returns the /headless/ routes.
+func (a adminHeadless) Routes() []caddy.AdminRoute {
+	return []caddy.AdminRoute{{Pattern: adminPrefix, Handler: caddy.AdminHandlerFunc(a.serve)}}
+}
+
+const (
+	adminPrefix  = "/headless/"
+	refreshPath  = "refresh"
+	refreshLimit = 30 * time.Second // the longest a POST .../refresh waits for lookups
+)
+
+// WatcherStatus is one watcher as GET /headless/ shows it. The field names are
+// part of the API (documented in the README): add, never rename.
+type WatcherStatus struct {
+	// Service is the canonical name, `<fqdn without dot>:<port or port name>`,
+	// as used in logs and in the metrics' service label.
+	Service string `json:"service"`
+	// Ref is the reference as written in the config that started the watcher.
+	Ref string `json:"ref"`
+	// FQDN is the Service's absolute name; QName the name asked (`_name._tcp.`
+	// prefixed for SRV); RecordTypes the types asked for it.
+	FQDN        string   `json:"fqdn"`
+	QName       string   `json:"qname"`
+	RecordTypes []string `json:"record_types"`
+	// IPVersions are the address families used: "ipv4", "ipv6".
+	IPVersions []string `json:"ip_versions"`
+	// Port is dialed on every address of an A/AAAA Service; PortName is the
+	// named port of an SRV Service (its records carry the ports).
+	Port     uint16 `json:"port,omitempty"`
+	PortName string `json:"port_name,omitempty"`
+	// Resolvers are the DNS servers asked, in failover order.
+	Resolvers []string `json:"resolvers"`
+	// Status sums the rest up: "pending" (no lookup finished yet), "ok",
+	// "empty" (DNS says there are no ready endpoints), "stale" (lookups fail,
+	// the endpoints of an earlier answer are kept) or "failing" (lookups fail
+	// and there are no endpoints).
+	Status string `json:"status"`
+	// Endpoints are the addresses requests are sent to, sorted.
+	Endpoints []EndpointStatus `json:"endpoints"`
+	// Outcome of the last lookup (see discovery.Outcomes); empty while pending.
+	Outcome string `json:"outcome,omitempty"`
+	// Server is the DNS server that gave the last definitive answer.
+	Server string `json:"server,omitempty"`
+	// TTLSeconds is the TTL of that answer.
+	TTLSeconds float64 `json:"ttl_seconds"`
+	// ResolvedAt is when DNS last answered definitively (records, NXDOMAIN or NODATA).
+	ResolvedAt time.Time `json:"resolved_at,omitzero"`
+	// Error is the last lookup's error, empty after a success; ErrorAt its time.
+	Error   string    `json:"error,omitempty"`
+	ErrorAt time.Time `json:"error_at,omitzero"`
+	// Stale is true while the endpoints are kept from an earlier answer
+	// because lookups fail; StaleSince is when the failures started.
+	Stale      bool      `json:"stale"`
+	StaleSince time.Time `json:"stale_since,omitzero"`
+	// StaleLimitSeconds is the configured `stale` bound, 0 for none; Expired
+	// reports that it passed and the endpoints were dropped.
+	StaleLimitSeconds float64 `json:"stale_limit_seconds"`
+	Expired           bool    `json:"expired"`
+	// NextRefresh is when the next lookup is due.
+	NextRefresh time.Time `json:"next_refresh,omitzero"`
+	// Lookups counts the lookups done since the watcher started.
+	Lookups uint64 `json:"lookups"`
+	// Users is how many upstream sources (handlers, across loaded configs)
+	// share the watcher.
+	Users int `json:"users"`
+}
+
+// EndpointStatus is one address requests are sent to.
+type EndpointStatus struct {
+	// Address is what is dialed, `ip:port` (IPv6 in brackets).
+	Address string `json:"address"`
+	IP      string `json:"ip"`
+	Port    uint16 `json:"port"`
+	// Target is the SRV target the address belongs to (absolute name); absent
+	// for A/AAAA Services.
+	Target string `json:"target,omitempty"`
+}
+
+func (a adminHeadless) serve(w http.ResponseWriter, r *http.Request) error {
+	rest := strings.TrimPrefix(r.URL.Path, adminPrefix)
+	if rest == refreshPath || strings.HasPrefix(rest, refreshPath+"/") {
+		if r.Method != http.MethodPost {
+			return methodNotAllowed(w, r, http.MethodPost)
+		}
+		name := strings.TrimPrefix(strings.TrimPrefix(rest, refreshPath), "/")
+		return a.refresh(w, r, name)
+	}
+	if r.Method != http.MethodGet {
+		return methodNotAllowed(w, r, http.MethodGet)
+	}
+	entries := selectWatchers(rest)
+	if rest != "" && len(entries) == 0 {
+		return notFound(rest)
+	}
+	return writeStatus(w, entries)
+}
+
+// refresh looks up every selected watcher now, in parallel, and answers with
+// their new state.
+func (a adminHeadless) refresh(w http.ResponseWriter, r *http.Request, name string) error {
+	entries := selectWatchers(name)
+	if name != "" && len(entries) == 0 {
+		return notFound(name)
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), refreshLimit)
+	defer cancel()
+	var wg sync.WaitGroup
+	errs := make([]error, len(entries))
+	for i, e := range entries {
+		wg.Go(func() {
+			if _, err := e.watcher.RefreshNow(ctx); err != nil {
+				errs[i] = fmt.Errorf("%s: %w", e.watcher.Config().Service, err)
+			}
+		})
+	}
+	wg.Wait()
+	for _, err := range errs {
+		switch {
+		case errors.Is(err, context.DeadlineExceeded):
+			return caddy.APIError{
+				HTTPStatus: http.StatusGatewayTimeout,
+				Err:        fmt.Errorf("refresh did not finish within %s: %w (GET %s shows the state so far)", refreshLimit, err, adminPrefix),
+			}
+		case err != nil:
+			return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("refresh: %w", err)}
+		}
+	}
+	return writeStatus(w, entries)
+}
+
+// selected is a watcher picked for a response, with its pool key.
+type selected struct {
+	key     string
+	watcher *discovery.Watcher
+}
+
+// selectWatchers returns the watchers whose canonical service name
+// (`fqdn:port`) or FQDN equals name (case-insensitive, final dot optional),
+// or all of them when name is empty; sorted by service, then key.
+func selectWatchers(name string) []selected {
+	name = strings.ToLower(name)
+	if host, port, ok := strings.Cut(name, ":"); ok {
+		name = strings.TrimSuffix(host, ".") + ":" + port
+	} else {
+		name = strings.TrimSuffix(name, ".")
+	}
+	var out []selected
+	watchers.Range(func(k, v any) bool {
+		w, ok := v.(*discovery.Watcher)
+		key, isString := k.(string)
+		if !ok || !isString {
+			return true
+		}
+		svc := w.Config().Service
+		if name == "" || name == svc.String() || name == strings.TrimSuffix(svc.FQDN, ".") {
+			out = append(out, selected{key: key, watcher: w})
+		}
+		return true
+	})
+	slices.SortFunc(out, func(a, b selected) int {
+		if c := strings.Compare(a.watcher.Config().Service.String(), b.watcher.Config().Service.String()); c != 0 {
+			return c
+		}
+		return strings.Compare(a.key, b.key)
+	})
+	return out
+}
+
+func writeStatus(w http.ResponseWriter, entries []selected) error {
+	out := make([]WatcherStatus, 0, len(entries))
+	for _, e := range entries {
+		users, _ := watchers.References(e.key)
+		out = append(out, statusOf(e.watcher, users))
+	}
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(out)
+}
+
+// statusOf describes a watcher from its configuration and current snapshot.
+func statusOf(w *discovery.Watcher, users int) WatcherStatus {
+	cfg := w.Config()
+	svc := cfg.Service
+	st := WatcherStatus{
+		Service:           svc.String(),
+		Ref:               svc.Ref,
+		FQDN:              svc.FQDN,
+		QName:             svc.QName(),
+		Port:              svc.Port,
+		PortName:          svc.PortName,
+		Resolvers:         slices.Clone(cfg.Resolver.Servers),
+		Status:            "pending",
+		Endpoints:         []EndpointStatus{},
+		StaleLimitSeconds: cfg.Stale.Seconds(),
+		Users:             users,
+	}
+	if st.Resolvers == nil {
+		st.Resolvers = []string{}
+	}
+	if cfg.IPv4 {
+		st.IPVersions = append(st.IPVersions, "ipv4")
+	}
+	if cfg.IPv6 {
+		st.IPVersions = append(st.IPVersions, "ipv6")
+	}
+	switch {
+	case svc.SRV():
+		st.RecordTypes = []string{"SRV"}
+	default:
+		if cfg.IPv4 {
+			st.RecordTypes = append(st.RecordTypes, "A")
+		}
+		if cfg.IPv6 {
+			st.RecordTypes = append(st.RecordTypes, "AAAA")
+		}
+	}
+	s := w.Snapshot()
+	if s == nil {
+		return st
+	}
+	for _, e := range s.Endpoints {
+		st.Endpoints = append(st.Endpoints, EndpointStatus{Address: e.Dial, IP: e.IP.String(), Port: e.Port, Target: e.Target})
+	}
+	st.Outcome = string(s.Outcome)
+	st.Server = s.Server
+	st.TTLSeconds = s.TTL.Seconds()
+	st.ResolvedAt = s.Resolved
+	if s.Err != nil {
+		st.Error = s.Err.Error()
+	}
+	st.ErrorAt = s.ErrAt
+	st.Stale, st.StaleSince = s.Stale(), s.StaleSince
+	st.Expired = s.Expired
+	st.NextRefresh = s.Next
+	st.Lookups = s.Seq
+	switch {
+	case s.Err == nil && len(s.Endpoints) > 0:
+		st.Status = "ok"
+	case s.Err == nil:
+		st.Status = "empty"
+	case len(s.Endpoints) > 0:
+		st.Status = "stale"
+	default:
+		st.Status = "failing"
+	}
+	return st
+}
+
+func methodNotAllowed(w http.ResponseWriter, r *http.Request, allow string) error {
+	w.Header().Set("Allow", allow)
+	return caddy.APIError{
+		HTTPStatus: http.StatusMethodNotAllowed,
+		Err:        fmt.Errorf("method %s not allowed on %s: use %s", r.Method, r.URL.Path, allow),
+	}
+}
+
+func notFound(name string) error {
+	return caddy.APIError{
+		HTTPStatus: http.StatusNotFound,
+		Err: fmt.Errorf("no headless watcher for %q: give a Service's FQDN or fqdn:port as GET %s lists them",
+			name, adminPrefix),
+	}
+}
+
+// Interface guards
+var _ caddy.AdminRouter = adminHeadless{}
