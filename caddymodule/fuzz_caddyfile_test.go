@@ -1,0 +1,125 @@
+package caddymodule
+
+import (
+	"encoding/json"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+
+	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
+)
+
+// fuzzSeedsDynamic are `dynamic headless` blocks, as written after `dynamic`.
+var fuzzSeedsDynamic = []string{
+	"headless backend.bbs:http",
+	"headless frontend.bbs:8001",
+	"headless frontend:8001 {\n\tnamespace bbs\n}",
+	"headless web-0.web.bbs.svc.cluster.local:https {\n\tresolvers 10.96.0.10 10.96.0.11:5353 [fd00::10]:53\n}",
+	"headless backend.bbs:http {\n" +
+		"\tresolvers 127.0.0.1:53\n" +
+		"\tnamespace bbs\n" +
+		"\tcluster_domain cluster.local\n" +
+		"\trefresh 1s 30s\n" +
+		"\tstale 5m\n" +
+		"\tversions ipv4 ipv6\n" +
+		"\tdial_timeout 2s\n" +
+		"\tedns_buffer_size 1232\n" +
+		"}",
+	"headless example.test.:443 {\n\tversions ipv6\n\trefresh 1d\n}",
+	"headless",
+	"headless x:80 y:80",
+	"headless x:80 {\n\tbogus\n}",
+	"headless x:80 {\n\tresolvers\n}",
+	"headless x:80 {\n\tresolvers :53 host: [::1\n}",
+	"headless x:80 {\n\tnamespace Bad_NS\n}",
+	"headless x:80 {\n\tcluster_domain ..\n}",
+	"headless x:80 {\n\trefresh 10s 1s\n}",
+	"headless x:80 {\n\trefresh 0\n}",
+	"headless x:80 {\n\trefresh 1s 2s 3s\n}",
+	"headless x:80 {\n\tstale -1s\n}",
+	"headless x:80 {\n\tstale 9999999999999d\n}",
+	"headless x:80 {\n\tdial_timeout 0s\n}",
+	"headless x:80 {\n\tversions ipv5\n}",
+	"headless x:80 {\n\tedns_buffer_size 511\n}",
+	"headless x:80 {\n\tedns_buffer_size 65536\n}",
+	"headless x:80 {\n\tnamespace {\n\t}\n}",
+	"headless x:80 {\n\t{\n}",
+	"headless x:80 {\n\tnamespace \"a b\"\n}",
+	"headless `x:80` {\n\tnamespace `bbs`\n}",
+	"headless x:80 {\n\tresolvers {$NOPE}\n}",
+	"headless " + strings.Repeat("a", 63) + ".bbs:http {\n\tcluster_domain " + strings.Repeat("d", 63) + "." + strings.Repeat("e", 63) + "." + strings.Repeat("f", 60) + "\n}",
+	"headless x:80 {\n\tnamespace bbs\n\tnamespace other\n}",
+	"headless x:80 {\n\tresolvers 1.1.1.1 <<EOF\n\tEOF\n}",
+}
+
+// FuzzUnmarshalCaddyfile feeds arbitrary Caddyfile text to the `dynamic
+// headless` unmarshaller. It must never panic; what it rejects must come back
+// as an error that points at the Caddyfile; what it accepts must survive the
+// JSON round trip Caddy puts it through, and must either provision into a
+// watcher configuration or fail with an error (never a panic). Accepted input
+// is also run through Caddy's own Caddyfile adapter inside a reverse_proxy.
+func FuzzUnmarshalCaddyfile(f *testing.F) {
+	old := environment
+	environment = discovery.Environment{
+		ResolvConf:    filepath.Join(f.TempDir(), "resolv.conf"),
+		NamespaceFile: filepath.Join(f.TempDir(), "namespace"),
+	}
+	f.Cleanup(func() { environment = old })
+	for _, s := range fuzzSeedsDynamic {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, input string) {
+		tokens, err := caddyfile.Tokenize([]byte(input), "Caddyfile")
+		if err != nil {
+			return // not Caddyfile syntax at all: Caddy's lexer reports it
+		}
+		h := new(Headless)
+		err = h.UnmarshalCaddyfile(caddyfile.NewDispenser(tokens))
+		if err != nil {
+			// ", at Caddyfile:<line>", or ", at :0" for input without tokens
+			// (which Caddy never hands a module: it has the module's name).
+			if !strings.Contains(err.Error(), ", at ") {
+				t.Fatalf("error does not point at the Caddyfile: %v", err)
+			}
+			return
+		}
+		if _, err := discovery.ParseService(h.Service, discovery.Defaults{}); err != nil {
+			t.Fatalf("accepted service %q does not parse: %v", h.Service, err)
+		}
+
+		// Caddy stores the module as JSON and provisions a fresh value from it.
+		b, err := json.Marshal(h)
+		if err != nil {
+			t.Fatalf("marshal %+v: %v", h, err)
+		}
+		back := new(Headless)
+		if err := json.Unmarshal(b, back); err != nil {
+			t.Fatalf("unmarshal %s: %v", b, err)
+		}
+		if !reflect.DeepEqual(h, back) {
+			t.Fatalf("JSON round trip changed the config:\n%+v\n%s\n%+v", h, b, back)
+		}
+		cfg, err := back.config()
+		if err != nil {
+			if !strings.HasPrefix(err.Error(), "headless") {
+				t.Fatalf("provisioning error does not say where it comes from: %v", err)
+			}
+			return
+		}
+		if cfg.RefreshMin <= 0 || cfg.RefreshMax < cfg.RefreshMin || cfg.Stale < 0 || !cfg.IPv4 && !cfg.IPv6 {
+			t.Fatalf("accepted config is not usable: %+v", cfg)
+		}
+		if cfg.Resolver.Timeout <= 0 || cfg.Resolver.UDPSize < 512 || len(cfg.Resolver.Servers) == 0 {
+			t.Fatalf("accepted resolver is not usable: %+v", cfg.Resolver)
+		}
+
+		// The same block inside a site, through Caddy's adapter: no panic.
+		site := ":80 {\n\treverse_proxy {\n\t\tdynamic " + input + "\n\t}\n}\n"
+		adapter := caddyfile.Adapter{ServerType: httpcaddyfile.ServerType{}}
+		_, _, _ = adapter.Adapt([]byte(site), nil)
+	})
+}
