@@ -1,0 +1,192 @@
+package caddymodule
+
+import (
+	"encoding/json"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+
+	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
+)
+
+func init() {
+	httpcaddyfile.RegisterHandlerDirective("headless_proxy", parseHeadlessProxy)
+	// Right after reverse_proxy, as php_fastcgi is: a site needs no route
+	// block or order option to use it.
+	httpcaddyfile.RegisterDirectiveOrder("headless_proxy", httpcaddyfile.After, "reverse_proxy")
+}
+
+// parseHeadlessProxy builds Caddy's own reverse_proxy handler whose upstreams
+// are the endpoints of one or more headless Services. Syntax:
+//
+//	headless_proxy [<matcher>] [http://|https://|h2c://]<service>:<port>... {
+//	    # the options of `dynamic headless`, applied to every Service
+//	    resolvers        <host[:port]>...
+//	    namespace        <namespace>
+//	    cluster_domain   <domain>
+//	    refresh          <min> [<max>]
+//	    stale            <duration>
+//	    versions         ipv4|ipv6 ...
+//	    dial_timeout     <duration>
+//	    edns_buffer_size <bytes>
+//
+//	    # and every reverse_proxy subdirective except `to` and `dynamic`
+//	    lb_policy ...
+//	    header_up ...
+//	    transport http { ... }
+//	    ...
+//	}
+//
+// One Service becomes `dynamic headless`; several become `dynamic multi` with
+// one headless source each, in the order given. A scheme works as it does for
+// reverse_proxy: `https://` turns on TLS to the upstreams, `h2c://` HTTP/2
+// over cleartext; without a port, https:// means 443 and http:// 80.
+//
+// The reverse_proxy part is parsed by reverse_proxy itself, as php_fastcgi
+// does, so its subdirectives, checks and error messages are Caddy's own.
+func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	// The helper stands before the directive name (the matcher is already
+	// taken out); work on a copy of the segment, which is edited below.
+	h.Next()
+	d := h.NewFromNextSegment()
+	d.Next() // the directive name
+
+	var refs []string
+	scheme := ""
+	for d.NextArg() {
+		ref, sch, err := splitScheme(d)
+		if err != nil {
+			return nil, err
+		}
+		if len(refs) > 0 && sch != scheme {
+			return nil, d.Errf("headless_proxy: all services must use the same scheme: %q after %q", schemeOf(sch), schemeOf(scheme))
+		}
+		if _, err := discovery.ParseService(ref, discovery.Defaults{}); err != nil {
+			return nil, d.Errf("headless_proxy: %v", err)
+		}
+		refs, scheme = append(refs, ref), sch
+	}
+	if len(refs) == 0 {
+		return nil, d.Errf("headless_proxy: missing service reference (e.g. frontend.bbs:8001 or backend.bbs:http)")
+	}
+
+	// Take the headless options out of the block, leaving reverse_proxy's.
+	var opts Headless
+	for d.NextBlock(0) {
+		// Only the first token of a line directly inside the block names an
+		// option; nested blocks (transport, handle_response, …) and their
+		// closing braces belong to reverse_proxy.
+		if d.Nesting() != 1 || d.Val() == "}" {
+			continue
+		}
+		switch d.Val() {
+		case "to", "dynamic":
+			return nil, d.Errf("headless_proxy: %q is not allowed here: the upstreams are the services named after headless_proxy (use reverse_proxy for other upstreams, or name more services)", d.Val())
+		}
+		opt, n := d.Val(), d.CountRemainingArgs()
+		known, err := opts.UnmarshalOption(d)
+		if err != nil {
+			return nil, err
+		}
+		if !known {
+			d.RemainingArgs() // reverse_proxy's; a block it opens is skipped by nesting
+			continue
+		}
+		if d.NextArg() {
+			return nil, d.Errf("headless_proxy: %s: unexpected argument %q", opt, d.Val())
+		}
+		if blockFollows(d) {
+			return nil, d.Errf("headless_proxy: %s takes no block", opt)
+		}
+		d.DeleteN(n + 1)
+	}
+
+	// Hand reverse_proxy the directive without the service references. If a
+	// scheme was given, it gets one placeholder upstream with that scheme, so
+	// that reverse_proxy sets up (and checks) the transport exactly as it does
+	// for `reverse_proxy https://…`; the placeholder is dropped afterwards.
+	d.Reset()
+	d.Next()
+	seg := d.NextSegment()
+	toks := []caddyfile.Token{seg[0]}
+	if scheme != "" {
+		placeholder := seg[0]
+		placeholder.Text = scheme + "://headless"
+		toks = append(toks, placeholder)
+	}
+	toks = append(toks, seg[1+len(refs):]...)
+
+	rp := new(reverseproxy.Handler)
+	if err := rp.UnmarshalCaddyfile(caddyfile.NewDispenser(toks)); err != nil {
+		return nil, err
+	}
+	if err := rp.FinalizeUnmarshalCaddyfile(h); err != nil {
+		return nil, err
+	}
+	rp.Upstreams = nil
+
+	sources := make([]json.RawMessage, len(refs))
+	for i, ref := range refs {
+		src := opts
+		src.Service = ref
+		sources[i] = caddyconfig.JSONModuleObject(src, "source", "headless", nil)
+	}
+	if len(sources) == 1 {
+		rp.DynamicUpstreamsRaw = sources[0]
+	} else {
+		rp.DynamicUpstreamsRaw = caddyconfig.JSONModuleObject(
+			reverseproxy.MultiUpstreams{SourcesRaw: sources}, "source", "multi", nil)
+	}
+	return rp, nil
+}
+
+// splitScheme splits the current argument into a service reference and its
+// scheme ("" if none), giving a scheme without a port its default port.
+func splitScheme(d *caddyfile.Dispenser) (ref, scheme string, err error) {
+	ref = d.Val()
+	scheme, rest, ok := strings.Cut(ref, "://")
+	if !ok {
+		return ref, "", nil
+	}
+	port := ""
+	switch scheme {
+	case "http", "h2c":
+		port = "80"
+	case "https":
+		port = "443"
+	case "ws", "wss":
+		return "", "", d.Errf("headless_proxy: %q: the scheme %s:// is only supported in browsers; use http:// or https://", ref, scheme)
+	default:
+		return "", "", d.Errf("headless_proxy: %q: unsupported scheme %s:// (use http://, https:// or h2c://)", ref, scheme)
+	}
+	if strings.ContainsAny(rest, "/?#") {
+		return "", "", d.Errf("headless_proxy: %q: a service reference has no path, query or fragment (use rewrite or handle_path for paths)", ref)
+	}
+	if !strings.Contains(rest, ":") {
+		rest += ":" + port
+	}
+	return rest, scheme, nil
+}
+
+func schemeOf(s string) string {
+	if s == "" {
+		return "no scheme"
+	}
+	return s + "://"
+}
+
+// blockFollows reports whether a block opens on the current line, after the
+// current token, without moving the cursor.
+func blockFollows(d *caddyfile.Dispenser) bool {
+	file, line := d.File(), d.Line()
+	if !d.Next() {
+		return false
+	}
+	open := d.Val() == "{" && d.File() == file && d.Line() == line
+	d.Prev()
+	return open
+}
