@@ -78,11 +78,8 @@ func (r *Resolver) Lookup(ctx context.Context, svc Service, v4, v6 bool) (Result
 			if err != nil {
 				return res, err
 			}
-			ips, ttl, outcome := addresses(reply.Msg, svc.FQDN, t, &res.Dropped)
-			res.merge(outcome, ttl)
-			for _, ip := range ips {
-				eps = append(eps, Endpoint{IP: ip, Port: svc.Port})
-			}
+			got, _ := endpointsFromReply(reply.Msg, svc, t, types, &res)
+			eps = append(eps, got...)
 		}
 	} else {
 		var err error
@@ -107,23 +104,7 @@ func (r *Resolver) lookupSRV(ctx context.Context, svc Service, types []uint16, r
 	if err != nil {
 		return nil, err
 	}
-	srvs, ttl, outcome := srvRecords(reply.Msg, qname, &res.Dropped)
-	res.merge(outcome, ttl)
-	glue := glueAddresses(reply.Msg, srvs, types)
-
-	var eps []Endpoint
-	var bare []*dns.SRV // targets without glue
-	for _, srv := range srvs {
-		target := strings.ToLower(srv.Target)
-		ips, ok := glue[target]
-		if !ok {
-			bare = append(bare, srv)
-			continue
-		}
-		for _, ip := range ips {
-			eps = append(eps, Endpoint{IP: ip, Port: srv.Port, Target: target})
-		}
-	}
+	eps, bare := endpointsFromReply(reply.Msg, svc, dns.TypeSRV, types, res)
 	if len(bare) == 0 {
 		return eps, nil
 	}
@@ -182,6 +163,37 @@ func endpointNamesOnOnePort(srvs []*dns.SRV, fqdn string) (uint16, bool) {
 		}
 	}
 	return port, true
+}
+
+// endpointsFromReply turns one reply into endpoints: for qtype A or AAAA the
+// addresses of svc's FQDN with svc's port, for SRV the records of svc's QName
+// with their targets' glue of the wanted types. SRV records whose target has no
+// glue come back in bare, for the caller to look up. The reply's outcome and
+// TTL are merged into res. Lookup and FuzzAnswer both go through here.
+func endpointsFromReply(m *dns.Msg, svc Service, qtype uint16, types []uint16, res *Result) (eps []Endpoint, bare []*dns.SRV) {
+	if qtype != dns.TypeSRV {
+		ips, ttl, outcome := addresses(m, svc.FQDN, qtype, &res.Dropped)
+		res.merge(outcome, ttl)
+		for _, ip := range ips {
+			eps = append(eps, Endpoint{IP: ip, Port: svc.Port})
+		}
+		return eps, nil
+	}
+	srvs, ttl, outcome := srvRecords(m, svc.QName(), &res.Dropped)
+	res.merge(outcome, ttl)
+	glue := glueAddresses(m, srvs, types)
+	for _, srv := range srvs {
+		target := strings.ToLower(srv.Target)
+		ips, ok := glue[target]
+		if !ok {
+			bare = append(bare, srv)
+			continue
+		}
+		for _, ip := range ips {
+			eps = append(eps, Endpoint{IP: ip, Port: srv.Port, Target: target})
+		}
+	}
+	return eps, bare
 }
 
 // account records what a question cost.
