@@ -245,6 +245,7 @@ func (w *Watcher) run(ctx context.Context) {
 			failures = 0
 		}
 		s := w.next(w.snap.Load(), res, err, now, seq, failures)
+		w.logLookup(s, res, err, now.Sub(lastStart))
 		if w.cfg.OnLookup != nil {
 			w.cfg.OnLookup(LookupEvent{Service: w.cfg.Service, Outcome: s.Outcome, Duration: now.Sub(lastStart), Result: res, Err: err})
 		}
@@ -340,16 +341,35 @@ func (w *Watcher) logChange(log *zap.Logger, prev, s *Snapshot, res Result) {
 			zap.Int("endpoints", len(s.Endpoints)), zap.Duration("failing_for", s.Resolved.Sub(prev.ErrAt)))
 	}
 	if len(added) > 0 || len(removed) > 0 || prev == nil || prev.Expired {
-		log.Info("endpoints changed", zap.String("service", w.cfg.Service.String()),
+		fields := []zap.Field{zap.String("service", w.cfg.Service.String()),
 			zap.Strings("added", added), zap.Strings("removed", removed),
 			zap.Int("endpoints", len(s.Endpoints)), zap.String("outcome", string(res.Outcome)),
-			zap.String("server", res.Server))
+			zap.String("server", res.Server)}
+		if len(s.Endpoints) == 0 {
+			// DNS says the Service has no ready endpoints: as bad for requests as an error.
+			log.Warn("endpoints changed", append(fields, zap.String("consequence",
+				"no endpoints: requests to "+w.cfg.Service.String()+" will fail"))...)
+		} else {
+			log.Info("endpoints changed", fields...)
+		}
 	}
-	if c := log.Check(zap.DebugLevel, "lookup"); c != nil {
-		c.Write(zap.String("service", w.cfg.Service.String()), zap.String("outcome", string(res.Outcome)),
-			zap.Int("endpoints", len(s.Endpoints)), zap.Duration("ttl", res.TTL), zap.String("server", res.Server),
-			zap.Int("queries", res.Queries), zap.Int("truncated", res.Truncated))
+}
+
+// logLookup writes the debug line every lookup gets, failed or not.
+func (w *Watcher) logLookup(s *Snapshot, res Result, err error, took time.Duration) {
+	c := w.logger.Load().Check(zap.DebugLevel, "lookup")
+	if c == nil {
+		return
 	}
+	fields := []zap.Field{zap.String("service", w.cfg.Service.String()), zap.String("outcome", string(s.Outcome)),
+		zap.Int("endpoints", len(s.Endpoints)), zap.Duration("duration", took), zap.Int("queries", res.Queries),
+		zap.Int("truncated", res.Truncated)}
+	if err != nil {
+		fields = append(fields, zap.Error(err))
+	} else {
+		fields = append(fields, zap.Duration("ttl", res.TTL), zap.String("server", res.Server))
+	}
+	c.Write(fields...)
 }
 
 // diff lists the dial addresses only in b (added) and only in a (removed); both are sorted.
