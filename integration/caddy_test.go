@@ -96,7 +96,7 @@ func (s *suite) startCaddyStorage(t *testing.T, storage, siteBody string) *caddy
 	t.Cleanup(func() {
 		p.stop()
 		if t.Failed() {
-			t.Logf("----- Caddy log (%s), last lines -----\n%s", p.log, p.tail(80))
+			t.Logf("----- Caddy log (%s), last lines without admin requests -----\n%s", p.log, tailFiltered(p.log, 60, `"received request"`))
 			t.Logf("----- CoreDNS log (%s), last lines -----\n%s", s.coredns.log, s.coredns.tail(30))
 		}
 	})

@@ -457,7 +457,11 @@ func TestReload(t *testing.T) {
 		if gen%2 == 1 {
 			extra = "dial_timeout 3s"
 		}
-		return fmt.Sprintf("\theader X-Config-Generation %d\n%s", gen, s.proxyTo("", "app.reload:8080", extra, ""))
+		// Idle upstream connections of a replaced config's transport live
+		// until their keep-alive timeout (Caddy's default is 2 minutes); a
+		// short one lets them go within the wait below, so that what
+		// remains above the baseline is a real leak.
+		return fmt.Sprintf("\theader X-Config-Generation %d\n%s", gen, s.proxyTo("", "app.reload:8080", extra, "transport http {\n\t\t\tkeepalive 2s\n\t\t}"))
 	}
 	c := s.startCaddy(t, body(0))
 	cl := s.client()

@@ -93,11 +93,22 @@ func (p *process) tail(n int) string {
 }
 
 func tailFile(path string, n int) string {
+	return tailFiltered(path, n, "")
+}
+
+// tailFiltered returns the last n lines of a file, leaving out lines that
+// contain skip (if not empty).
+func tailFiltered(path string, n int, skip string) string {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return fmt.Sprintf("(cannot read %s: %v)", path, err)
 	}
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	var lines []string
+	for _, l := range strings.Split(strings.TrimRight(string(b), "\n"), "\n") {
+		if skip == "" || !strings.Contains(l, skip) {
+			lines = append(lines, l)
+		}
+	}
 	if len(lines) > n {
 		lines = lines[len(lines)-n:]
 	}
