@@ -2,11 +2,13 @@ package caddymodule
 
 import (
 	"encoding/json"
+	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
 
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 
@@ -122,4 +124,79 @@ func FuzzUnmarshalCaddyfile(f *testing.F) {
 		adapter := caddyfile.Adapter{ServerType: httpcaddyfile.ServerType{}}
 		_, _, _ = adapter.Adapt([]byte(site), nil)
 	})
+}
+
+// FuzzHeadlessProxy adapts arbitrary Caddyfiles, seeded with the golden files
+// of the headless_proxy directive, through Caddy's own Caddyfile adapter. It
+// must never panic; whatever adapts must carry headless sources whose services
+// parse and provision (or fail to provision with an error), and reverse_proxy
+// handlers built by the directive must not keep the scheme placeholder upstream.
+func FuzzHeadlessProxy(f *testing.F) {
+	old := environment
+	environment = discovery.Environment{
+		ResolvConf:    filepath.Join(f.TempDir(), "resolv.conf"),
+		NamespaceFile: filepath.Join(f.TempDir(), "namespace"),
+	}
+	f.Cleanup(func() { environment = old })
+	files, _ := filepath.Glob("testdata/caddyfile_adapt/*.caddyfiletest")
+	for _, file := range files {
+		raw, err := os.ReadFile(file)
+		if err != nil {
+			f.Fatal(err)
+		}
+		input, _, _ := strings.Cut(string(raw), goldenSep)
+		f.Add(input)
+	}
+	f.Add(":80 {\n\theadless_proxy\n}")
+	f.Add(":80 {\n\theadless_proxy x:80 {\n\t\ttransport http {\n\t\t\tresolvers 1.1.1.1\n\t\t}\n\t\tresolvers 10.0.0.1\n\t}\n}")
+	f.Add(":80 {\n\theadless_proxy https://x:http http://y:80\n}")
+	f.Add(":80 {\n\theadless_proxy x:80 {\n\t\tnamespace bbs {\n\t\t}\n\t}\n}")
+	f.Add(":80 {\n\troute {\n\t\theadless_proxy /api* backend.bbs:http {\n\t\t\tlb_policy first\n\t\t\tto y:80\n\t\t}\n\t}\n}")
+	f.Fuzz(func(t *testing.T, input string) {
+		out, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(input), map[string]any{"filename": "Caddyfile"})
+		if err != nil {
+			if err.Error() == "" {
+				t.Fatal("empty error")
+			}
+			return
+		}
+		var cfg any
+		if err := json.Unmarshal(out, &cfg); err != nil {
+			t.Fatalf("adapted config is not JSON: %v\n%s", err, out)
+		}
+		walkJSON(cfg, func(obj map[string]any) {
+			if obj["handler"] == "reverse_proxy" && obj["dynamic_upstreams"] != nil && obj["upstreams"] != nil {
+				t.Fatalf("reverse_proxy with both dynamic and static upstreams: %v", obj)
+			}
+			if obj["source"] != "headless" {
+				return
+			}
+			b, _ := json.Marshal(obj)
+			h := new(Headless)
+			if err := json.Unmarshal(b, h); err != nil {
+				t.Fatalf("headless source %s does not unmarshal: %v", b, err)
+			}
+			if _, err := discovery.ParseService(h.Service, discovery.Defaults{}); err != nil {
+				t.Fatalf("headless source %s: service does not parse: %v", b, err)
+			}
+			if _, err := h.config(); err != nil && !strings.HasPrefix(err.Error(), "headless") {
+				t.Fatalf("provisioning error does not say where it comes from: %v", err)
+			}
+		})
+	})
+}
+
+// walkJSON calls fn on every object inside v.
+func walkJSON(v any, fn func(map[string]any)) {
+	switch v := v.(type) {
+	case map[string]any:
+		fn(v)
+		for _, c := range v {
+			walkJSON(c, fn)
+		}
+	case []any:
+		for _, c := range v {
+			walkJSON(c, fn)
+		}
+	}
 }
