@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Builds bin/caddy (xcaddy/build.sh) unless it is newer than every file it is
+# built from. Usage: scripts/build-if-stale.sh [OUTPUT]   (default: bin/caddy)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=${1:-$root/bin/caddy}
+cd "$root"
+if [ -x "$out" ] && [ -z "$(find go.mod go.sum caddyheadless.go caddymodule xcaddy \
+	-newer "$out" \( -name '*.go' -o -name 'go.*' -o -name '*.sh' \) ! -name '*_test.go' -print -quit)" ]; then
+	exit 0
+fi
+./xcaddy/build.sh "$out"

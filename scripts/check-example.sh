@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# CI: Caddyfile.example (and the demo's Caddyfile, which imports it) must adapt
+# and validate with a Caddy built from this checkout.
+# Usage: scripts/check-example.sh [CADDY]   (default: bin/caddy, built if stale)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+caddy=${1:-}
+if [ -z "$caddy" ]; then
+	caddy=$root/bin/caddy
+	./scripts/build-if-stale.sh "$caddy"
+fi
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+# Keep validate's side effects (storage, autosave) out of $HOME.
+export XDG_DATA_HOME=$tmp/data XDG_CONFIG_HOME=$tmp/config
+
+check() { # check FILE [ENV...]
+	local file=$1
+	shift
+	env "$@" "$caddy" adapt --config "$file" --adapter caddyfile >"$tmp/adapted.json" 2>"$tmp/adapt.log" ||
+		{ cat "$tmp/adapt.log" >&2; echo "check-example: caddy adapt $file failed" >&2; exit 1; }
+	grep -q '"source":"headless"' "$tmp/adapted.json" ||
+		{ echo "check-example: $file adapted without a headless upstream source" >&2; exit 1; }
+	env "$@" "$caddy" validate --config "$file" --adapter caddyfile >"$tmp/validate.log" 2>&1 ||
+		{ cat "$tmp/validate.log" >&2; echo "check-example: caddy validate $file failed" >&2; exit 1; }
+	echo "check-example: $file adapts and validates"
+}
+check Caddyfile.example
+check demo/Caddyfile DEMO_ADMIN_PORT=10019 DEMO_HTTP_PORT=10080 DEMO_HTTPS_PORT=10443 \
+	DEMO_RUN="$tmp/demo" HEADLESS_OPTIONS="resolvers 127.0.0.1:10053"
