@@ -1,5 +1,5 @@
 # caddy-headless — see README.md
-.PHONY: build test unit lint
+.PHONY: build test unit lint demo demo-check check-example
 
 build: ## Caddy with this plugin, at bin/caddy
 	./xcaddy/build.sh bin/caddy
@@ -12,3 +12,12 @@ lint:
 	go vet ./...
 
 test: lint unit ## everything CI runs
+
+demo: ## the story on loopback: DNS stand-in, endpoints, Caddy over HTTPS; Ctrl-C stops it
+	./demo/run.sh
+
+demo-check: ## the demo without a terminal: requests, zone edits, followed changes checked
+	DEMO_CHECK=1 ./demo/run.sh
+
+check-example: ## caddy adapt + validate of Caddyfile.example with bin/caddy (built if stale)
+	./scripts/check-example.sh
