@@ -303,9 +303,25 @@ func TestReadiness(t *testing.T) {
 		t.Logf("Caddy logged: %s", lines[len(lines)-1])
 	}
 
+	// Back to ready: errors are expected until the next refresh, then
+	// every request must succeed again.
 	s.apply(t, slice(true, true))
+	start = time.Now()
+	if err := waitFor(convergeBound, 50*time.Millisecond, func() error {
+		r, err := s.get(cl, "/")
+		if err != nil {
+			return err
+		}
+		if r.status != http.StatusOK || r.reply.VM == "" {
+			return fmt.Errorf("got %d: %q", r.status, r.body)
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("endpoints ready again, but traffic did not resume: %v", err)
+	}
+	t.Logf("ready again → first answer after %v", time.Since(start).Round(time.Millisecond))
 	d = s.converge(t, cl, "/", []string{"vm1", "vm2"})
-	t.Logf("both ready again → traffic to both after %v", d.Round(time.Millisecond))
+	t.Logf("ready again → traffic to both after %v more", d.Round(time.Millisecond))
 }
 
 // TestStatefulSetSRVDualStack covers StatefulSet-style hostnames with a
@@ -405,7 +421,7 @@ func TestDNSOutage(t *testing.T) {
 		return endpointSlice("outage", "app", "app-1", "IPv4", ports, eps...)
 	}
 	s.apply(t, headlessService("outage", "app", ports), slice(vms[0], vms[1]))
-	s.startCaddy(t, s.proxyTo("", "app.outage:8080", "", ""))
+	c := s.startCaddy(t, s.proxyTo("", "app.outage:8080", "", ""))
 	cl := s.client()
 	assertSet(t, s.spread(t, cl, "/", 20), "vm1", "vm2")
 
@@ -428,6 +444,16 @@ func TestDNSOutage(t *testing.T) {
 	t.Logf("CoreDNS back at %s", time.Now().Format("15:04:05.000"))
 	time.Sleep(2 * refreshMax)
 	l.end(t, "15 s DNS outage")
+	// Caddy must have noticed the outage, or this proved nothing.
+	noticed := 0
+	for _, line := range c.logLines("app.outage") {
+		if strings.Contains(line, `"level":"warn"`) || strings.Contains(line, `"level":"error"`) {
+			noticed++
+		}
+	}
+	if noticed == 0 {
+		t.Errorf("Caddy's log has no warning or error about app.outage: did it query DNS during the outage?")
+	}
 	if l.perVM["vm1"] == 0 || l.perVM["vm2"] == 0 {
 		t.Errorf("during the outage, answers per VM %v: want both vm1 and vm2", l.perVM)
 	}
