@@ -29,9 +29,10 @@ type caddy struct {
 	storage string
 }
 
-// caddyfile wraps site (the body of the bbs.test.com block) into a complete
-// Caddyfile: admin on loopback, the suite's ports, Pebble as the ACME CA.
-func (s *suite) caddyfile(adminPort int, storage, siteBody string) string {
+// caddyfile puts the global options of the suite (admin on loopback, the
+// suite's ports, Pebble as the ACME CA, the given certificate storage) in
+// front of sites, the rest of a Caddyfile.
+func (s *suite) caddyfile(adminPort int, storage, sites string) string {
 	return fmt.Sprintf(`{
 	admin 127.0.0.1:%d
 	http_port %d
@@ -43,10 +44,12 @@ func (s *suite) caddyfile(adminPort int, storage, siteBody string) string {
 	skip_install_trust
 }
 
-%s {
-%s
+%s`, adminPort, s.httpPort, s.httpsPort, s.acmeDirectory(), s.caFile, site, storage, sites)
 }
-`, adminPort, s.httpPort, s.httpsPort, s.acmeDirectory(), s.caFile, site, storage, site, siteBody)
+
+// siteBlock is the site block of bbs.test.com with the given body.
+func siteBlock(body string) string {
+	return site + " {\n" + body + "}\n"
 }
 
 // headlessOpts are the options of `dynamic headless` every scenario uses:
@@ -65,15 +68,17 @@ const (
 	convergeBound = 3*refreshMax + 5*time.Second
 )
 
-// startCaddy starts Caddy with the given site body and waits until it serves
-// HTTPS with a certificate from Pebble. Its log is printed if the test fails.
+// startCaddy starts Caddy with the given body of the bbs.test.com site and
+// waits until it serves HTTPS with a certificate from Pebble. Its log is
+// printed if the test fails.
 func (s *suite) startCaddy(t *testing.T, siteBody string) *caddy {
 	t.Helper()
-	return s.startCaddyStorage(t, s.storage, siteBody)
+	return s.startCaddyWith(t, s.storage, nil, siteBlock(siteBody))
 }
 
-// startCaddyStorage is startCaddy with the given certificate storage.
-func (s *suite) startCaddyStorage(t *testing.T, storage, siteBody string) *caddy {
+// startCaddyWith is startCaddy with the given certificate storage, extra
+// environment and site blocks.
+func (s *suite) startCaddyWith(t *testing.T, storage string, env []string, sites string) *caddy {
 	t.Helper()
 	adminPort, err := freePort()
 	if err != nil {
@@ -84,10 +89,10 @@ func (s *suite) startCaddyStorage(t *testing.T, storage, siteBody string) *caddy
 		t.Fatal(err)
 	}
 	cf := filepath.Join(dir, "Caddyfile")
-	if err := os.WriteFile(cf, []byte(s.caddyfile(adminPort, storage, siteBody)), 0o644); err != nil {
+	if err := os.WriteFile(cf, []byte(s.caddyfile(adminPort, storage, sites)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	p, err := startProcess(dir, "caddy", []string{"HOME=" + dir, "XDG_DATA_HOME=" + dir, "XDG_CONFIG_HOME=" + dir},
+	p, err := startProcess(dir, "caddy", append([]string{"HOME=" + dir, "XDG_DATA_HOME=" + dir, "XDG_CONFIG_HOME=" + dir}, env...),
 		s.caddyBin, "run", "--config", cf, "--adapter", "caddyfile")
 	if err != nil {
 		t.Fatal(err)
@@ -106,7 +111,7 @@ func (s *suite) startCaddyStorage(t *testing.T, storage, siteBody string) *caddy
 		}
 		return httpOK(http.DefaultClient, c.admin+"/config/", "")
 	}); err != nil {
-		t.Fatalf("Caddy's admin API did not come up: %v\nCaddyfile:\n%s", err, s.caddyfile(adminPort, storage, siteBody))
+		t.Fatalf("Caddy's admin API did not come up: %v\nCaddyfile:\n%s", err, s.caddyfile(adminPort, storage, sites))
 	}
 	// Wait for the certificate: the handshake only succeeds with one that
 	// chains to Pebble's root.
@@ -256,9 +261,10 @@ func (l *load) end(t *testing.T, what string) {
 	}
 }
 
-// load posts a Caddyfile to the admin API's /load.
-func (c *caddy) load(siteBody string, adminPort int) error {
-	req, err := http.NewRequest(http.MethodPost, c.admin+"/load", bytes.NewReader([]byte(c.s.caddyfile(adminPort, c.storage, siteBody))))
+// load posts a Caddyfile with the given body of the bbs.test.com site to the
+// admin API's /load.
+func (c *caddy) load(siteBody string) error {
+	req, err := http.NewRequest(http.MethodPost, c.admin+"/load", bytes.NewReader([]byte(c.s.caddyfile(c.adminPort(), c.storage, siteBlock(siteBody)))))
 	if err != nil {
 		return err
 	}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -25,9 +26,25 @@ func recordConvergence(t *testing.T, what string, d time.Duration) {
 	convergenceMu.Unlock()
 }
 
-// proxyTo is a reverse_proxy block for a service found through `dynamic
-// headless`, with extra lines for the source's options and for reverse_proxy.
+// proxyTo is a headless_proxy directive for a service, with extra lines for
+// the headless options and for the reverse_proxy subdirectives.
 func (s *suite) proxyTo(matcher, ref, sourceExtra, proxyExtra string) string {
+	if matcher != "" {
+		matcher += " "
+	}
+	return fmt.Sprintf(`	headless_proxy %s%s {
+		%s
+		%s
+		lb_policy round_robin
+		header_up X-Real-IP {remote_host}
+		%s
+	}
+`, matcher, ref, s.headlessOpts(), sourceExtra, proxyExtra)
+}
+
+// reverseProxyTo is proxyTo written the long way: reverse_proxy with the
+// `dynamic headless` upstream source.
+func (s *suite) reverseProxyTo(matcher, ref, sourceExtra, proxyExtra string) string {
 	if matcher != "" {
 		matcher += " "
 	}
@@ -43,9 +60,9 @@ func (s *suite) proxyTo(matcher, ref, sourceExtra, proxyExtra string) string {
 `, matcher, ref, s.headlessOpts(), sourceExtra, proxyExtra)
 }
 
-// handleProxy is proxyTo inside `handle <path>`.
+// handleProxy is reverseProxyTo inside `handle <path>`.
 func (s *suite) handleProxy(path, ref, sourceExtra string) string {
-	return fmt.Sprintf("\thandle %s {\n%s\t}\n", path, s.proxyTo("", ref, sourceExtra, ""))
+	return fmt.Sprintf("\thandle %s {\n%s\t}\n", path, s.reverseProxyTo("", ref, sourceExtra, ""))
 }
 
 // TestStory is the story of DESIGN.md: a UI VM and an API VM published as
@@ -62,11 +79,19 @@ func TestStory(t *testing.T) {
 		headlessService("bbs", "backend", map[string]int{"http": 8004}),
 		endpointSlice("bbs", "backend", "backend-1", "IPv4", map[string]int{"http": 8004}, endpoint{addr: api.v4, ready: true}),
 	)
-	// Storage of its own, so that this Caddy obtains a certificate rather
-	// than loading one another scenario obtained.
-	c := s.startCaddyStorage(t, filepath.Join(s.dir, "story-storage"), "\t@api path /api /api/* /signin /signin/* /signout /signout/*\n"+
-		s.proxyTo("@api", "backend.bbs:http", "", "")+
-		s.proxyTo("", "frontend.bbs:8001", "", ""))
+	// The project's own Caddyfile.example, behind the suite's global
+	// options; it takes the resolver from $HEADLESS_OPTIONS. Storage of its
+	// own, so that this Caddy obtains a certificate rather than loading one
+	// another scenario obtained.
+	example, err := os.ReadFile(filepath.Join("..", "Caddyfile.example"))
+	if err != nil {
+		t.Fatalf("the story is Caddyfile.example: %v", err)
+	}
+	if !strings.Contains(string(example), site+" {") {
+		t.Fatalf("Caddyfile.example has no site block %q", site)
+	}
+	c := s.startCaddyWith(t, filepath.Join(s.dir, "story-storage"),
+		[]string{"HEADLESS_OPTIONS=" + s.headlessOpts()}, string(example))
 	cl := s.client()
 
 	// The certificate: the client trusts only Pebble's root, and Caddy's log
@@ -75,6 +100,9 @@ func TestStory(t *testing.T) {
 	r, err := s.get(cl, "/")
 	if err != nil {
 		t.Fatalf("GET /: %v", err)
+	}
+	if r.status != http.StatusOK {
+		t.Fatalf("GET /: %d %q", r.status, r.body)
 	}
 	if err := s.pebbleIssued(r.tls); err != nil {
 		t.Fatalf("certificate for %s does not chain to Pebble's root: %v", site, err)
@@ -504,7 +532,7 @@ func TestReload(t *testing.T) {
 	const reloads = 20
 	l := s.startLoad(cl, "/", 2)
 	for gen := 1; gen <= reloads; gen++ {
-		if err := c.load(body(gen), c.adminPort()); err != nil {
+		if err := c.load(body(gen)); err != nil {
 			l.end(t, "reloads")
 			t.Fatalf("reload %d: %v", gen, err)
 		}
