@@ -90,6 +90,10 @@ func (r *Resolver) Lookup(ctx context.Context, svc Service, v4, v6 bool) (Result
 	res.Endpoints = finish(eps, &res.Dropped)
 	if len(res.Endpoints) > 0 {
 		res.Outcome = OutcomeSuccess
+	} else if res.Outcome == OutcomeSuccess {
+		// SRV records whose targets have no usable address: nothing to dial,
+		// and the logs and metrics must not call that a success.
+		res.Outcome = OutcomeNoData
 	}
 	if res.TTL == 0 && res.Outcome != OutcomeSuccess {
 		res.TTL = fallbackTTL
