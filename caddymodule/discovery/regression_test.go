@@ -4,7 +4,10 @@ package discovery
 // tests; each names what used to go wrong.
 
 import (
+	"errors"
 	"testing"
+
+	"github.com/miekg/dns"
 
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
 )
@@ -17,5 +20,23 @@ func TestRegressionSRVWithoutAddressesIsNoData(t *testing.T) {
 	res, err := lookup(t, srv, "lost:http", true, true)
 	if err != nil || len(res.Endpoints) != 0 || res.Outcome != OutcomeNoData {
 		t.Fatalf("got %d endpoints, outcome %s, %v; want none, nodata", len(res.Endpoints), res.Outcome, err)
+	}
+}
+
+// An empty reply with TC set over TCP too used to count as NODATA, so a broken
+// server emptied the endpoint set; it says nothing about the Service.
+func TestRegressionEmptyTruncatedTCPReplyIsTransient(t *testing.T) {
+	srv := dnstest.Start(t, bbsZone)
+	srv.Hook(func(w dns.ResponseWriter, q *dns.Msg) bool {
+		m := new(dns.Msg)
+		m.SetReply(q)
+		m.Truncated = true
+		w.WriteMsg(m)
+		return true
+	})
+	_, err := lookup(t, srv, "frontend:8001", true, false)
+	var le *LookupError
+	if !errors.As(err, &le) || le.Outcome != OutcomeBadAnswer {
+		t.Fatalf("err = %v; want a bad_answer LookupError", err)
 	}
 }

@@ -148,6 +148,10 @@ func (r *Resolver) ask(ctx context.Context, q *dns.Msg, server string) (Reply, e
 	}
 	switch m.Rcode {
 	case dns.RcodeSuccess, dns.RcodeNameError:
+		if reply.Partial && m.Rcode == dns.RcodeSuccess && len(m.Answer) == 0 {
+			// Not NODATA (which would empty the set): the server cut everything.
+			return fail(OutcomeBadAnswer, errors.New("reply truncated over TCP with no records in it"))
+		}
 		return reply, nil
 	case dns.RcodeServerFailure:
 		return fail(OutcomeServFail, errors.New("server failure (SERVFAIL)"))
