@@ -362,22 +362,23 @@ func rrAddr(rr dns.RR) (netip.Addr, bool) {
 	return a, true
 }
 
-func ttlOf(h *dns.RR_Header) time.Duration {
-	if h.Ttl == 0 {
-		return time.Second // TTL 0 means "do not cache": re-check at the minimum
+func ttlOf(h *dns.RR_Header) time.Duration { return ttlDuration(h.Ttl) }
+
+// ttlDuration is how long a TTL lets an answer stand. TTL 0 means "do not
+// cache": re-check at the minimum. So do TTLs with the top bit set, which RFC
+// 2181 §8 says to treat as 0 (a server sending them is broken, not generous).
+func ttlDuration(ttl uint32) time.Duration {
+	if ttl == 0 || ttl >= 1<<31 {
+		return time.Second
 	}
-	return time.Duration(min(h.Ttl, 1<<31-1)) * time.Second
+	return time.Duration(ttl) * time.Second
 }
 
 // negativeTTL is the NXDOMAIN/NODATA caching time of RFC 2308: min(SOA TTL, SOA MINIMUM).
 func negativeTTL(m *dns.Msg) time.Duration {
 	for _, rr := range m.Ns {
 		if soa, ok := rr.(*dns.SOA); ok {
-			t := min(soa.Hdr.Ttl, soa.Minttl)
-			if t == 0 {
-				return time.Second
-			}
-			return time.Duration(min(t, 1<<31-1)) * time.Second
+			return min(ttlDuration(soa.Hdr.Ttl), ttlDuration(soa.Minttl))
 		}
 	}
 	return 0

@@ -6,6 +6,7 @@ package discovery
 import (
 	"errors"
 	"testing"
+	"time"
 
 	"github.com/miekg/dns"
 
@@ -38,5 +39,23 @@ func TestRegressionEmptyTruncatedTCPReplyIsTransient(t *testing.T) {
 	var le *LookupError
 	if !errors.As(err, &le) || le.Outcome != OutcomeBadAnswer {
 		t.Fatalf("err = %v; want a bad_answer LookupError", err)
+	}
+}
+
+// TTLs with the top bit set were taken as 68 years (clamped to refresh_max);
+// RFC 2181 §8 says to treat them as 0.
+func TestRegressionTTLTopBitMeansZero(t *testing.T) {
+	for ttl, want := range map[uint32]time.Duration{
+		0: time.Second, 1: time.Second, 30: 30 * time.Second, 1<<31 - 1: (1<<31 - 1) * time.Second,
+		1 << 31: time.Second, 1<<32 - 1: time.Second,
+	} {
+		if got := ttlOf(&dns.RR_Header{Ttl: ttl}); got != want {
+			t.Errorf("TTL %d: %s, want %s", ttl, got, want)
+		}
+	}
+	m := new(dns.Msg)
+	m.Ns = []dns.RR{&dns.SOA{Hdr: dns.RR_Header{Ttl: 1 << 31}, Minttl: 5}}
+	if got := negativeTTL(m); got != time.Second {
+		t.Errorf("SOA TTL 2^31, MINIMUM 5: negative TTL %s, want 1s", got)
 	}
 }
