@@ -505,17 +505,18 @@ func TestReload(t *testing.T) {
 		endpointSlice("reload", "app", "app-1", "IPv4", ports,
 			endpoint{addr: s.vms[0].v4, ready: true}, endpoint{addr: s.vms[1].v4, ready: true}))
 	body := func(gen int) string {
-		// Alternate the options too, so the reloads change more than a
-		// header; the watcher for the service stays the same.
-		extra := ""
+		// Alternate the options and the form (headless_proxy, reverse_proxy
+		// with dynamic headless) too, so the reloads change more than a
+		// header.
+		proxy, extra := s.proxyTo, ""
 		if gen%2 == 1 {
-			extra = "dial_timeout 3s"
+			proxy, extra = s.reverseProxyTo, "dial_timeout 3s"
 		}
 		// Idle upstream connections of a replaced config's transport live
 		// until their keep-alive timeout (Caddy's default is 2 minutes); a
 		// short one lets them go within the wait below, so that what
 		// remains above the baseline is a real leak.
-		return fmt.Sprintf("\theader X-Config-Generation %d\n%s", gen, s.proxyTo("", "app.reload:8080", extra, "transport http {\n\t\t\tkeepalive 2s\n\t\t}"))
+		return fmt.Sprintf("\theader X-Config-Generation %d\n%s", gen, proxy("", "app.reload:8080", extra, "transport http {\n\t\t\tkeepalive 2s\n\t\t}"))
 	}
 	c := s.startCaddy(t, body(0))
 	cl := s.client()

@@ -217,6 +217,8 @@ func (s *suite) teardown(success bool) {
 	for _, p := range []*process{s.pebble, s.coredns, s.apiSrv, s.etcd} {
 		p.stop()
 	}
+	// Every process of this run has ended.
+	os.Remove(pidFile)
 	if s.dir == "" {
 		return
 	}
