@@ -24,6 +24,11 @@ const (
 	MaxTargetLookups = 64
 	// fallbackTTL is used when an answer carries no usable TTL (no records, no SOA).
 	fallbackTTL = 5 * time.Second
+	// maxCandidates bounds the endpoints gathered in one refresh before they
+	// are sorted and cut to MaxEndpoints: a single 64 KiB reply can pair 1,500
+	// SRV ports with 2,000 glue addresses of one target, 3 million pairs. Real
+	// answers have one or two addresses per SRV record, far below this.
+	maxCandidates = 4 * MaxEndpoints
 )
 
 // Endpoint is one address to dial.
@@ -147,7 +152,7 @@ func (r *Resolver) lookupSRV(ctx context.Context, svc Service, types []uint16, r
 			if len(ips) > 0 {
 				res.TTL = minTTL(res.TTL, tttl)
 			}
-			for _, ip := range ips {
+			for _, ip := range capCandidates(ips, len(eps), res) {
 				eps = append(eps, Endpoint{IP: ip, Port: srv.Port, Target: target})
 			}
 		}
@@ -193,11 +198,19 @@ func endpointsFromReply(m *dns.Msg, svc Service, qtype uint16, types []uint16, r
 			bare = append(bare, srv)
 			continue
 		}
-		for _, ip := range ips {
+		for _, ip := range capCandidates(ips, len(eps), res) {
 			eps = append(eps, Endpoint{IP: ip, Port: srv.Port, Target: target})
 		}
 	}
 	return eps, bare
+}
+
+// capCandidates returns the part of ips that fits beside have endpoints within
+// maxCandidates, counting the rest as dropped.
+func capCandidates(ips []netip.Addr, have int, res *Result) []netip.Addr {
+	n := max(0, min(len(ips), maxCandidates-have))
+	res.Dropped += len(ips) - n
+	return ips[:n]
 }
 
 // account records what a question cost.

@@ -5,6 +5,8 @@ package discovery
 
 import (
 	"errors"
+	"net"
+	"runtime"
 	"testing"
 	"time"
 
@@ -57,5 +59,35 @@ func TestRegressionTTLTopBitMeansZero(t *testing.T) {
 	m.Ns = []dns.RR{&dns.SOA{Hdr: dns.RR_Header{Ttl: 1 << 31}, Minttl: 5}}
 	if got := negativeTTL(m); got != time.Second {
 		t.Errorf("SOA TTL 2^31, MINIMUM 5: negative TTL %s, want 1s", got)
+	}
+}
+
+// One 64 KiB reply pairing 1,500 SRV ports with 2,000 glue addresses of the
+// same target used to make 3 million endpoints before the cut to MaxEndpoints:
+// about 1 GiB allocated and seconds of CPU on every refresh.
+func TestRegressionSRVGlueProductIsBounded(t *testing.T) {
+	q := "_http._tcp.product.bbs.svc.cluster.local."
+	m := new(dns.Msg)
+	m.SetQuestion(q, dns.TypeSRV)
+	for i := range 1500 {
+		m.Answer = append(m.Answer, &dns.SRV{Hdr: dns.RR_Header{Name: q, Rrtype: dns.TypeSRV, Class: dns.ClassINET, Ttl: 5},
+			Port: uint16(1000 + i), Target: "t."})
+	}
+	for i := range 2000 {
+		m.Extra = append(m.Extra, &dns.A{Hdr: dns.RR_Header{Name: "t.", Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 5},
+			A: net.IPv4(10, 3, byte(i>>8), byte(i))})
+	}
+	svc := Service{FQDN: "product.bbs.svc.cluster.local.", PortName: "http"}
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	res := Result{}
+	eps, _ := endpointsFromReply(m, svc, dns.TypeSRV, []uint16{dns.TypeA}, &res)
+	eps = finish(eps, &res.Dropped)
+	runtime.ReadMemStats(&after)
+	if len(eps) != MaxEndpoints || res.Dropped < 1500*2000-maxCandidates {
+		t.Fatalf("%d endpoints, %d dropped; want MaxEndpoints, the rest dropped", len(eps), res.Dropped)
+	}
+	if alloc := after.TotalAlloc - before.TotalAlloc; alloc > 16<<20 {
+		t.Fatalf("allocated %d MiB for one reply", alloc>>20)
 	}
 }
