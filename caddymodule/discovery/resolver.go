@@ -131,12 +131,11 @@ func (r *Resolver) ask(ctx context.Context, q *dns.Msg, server string) (Reply, e
 	defer cancel()
 
 	udp := &dns.Client{Net: "udp", UDPSize: q.IsEdns0().UDPSize(), Timeout: timeout}
-	m, _, err := udp.ExchangeContext(actx, q, server)
+	m, err := exchange(actx, udp, q, server)
 	reply := Reply{Msg: m, Server: server}
 	if err == nil && m.Truncated {
 		reply.Truncated = true
-		tcp := &dns.Client{Net: "tcp", Timeout: timeout}
-		m, _, err = tcp.ExchangeContext(actx, q, server)
+		m, err = exchange(actx, &dns.Client{Net: "tcp", Timeout: timeout}, q, server)
 		reply.Msg = m
 		reply.Partial = err == nil && m.Truncated
 	}
@@ -160,6 +159,24 @@ func (r *Resolver) ask(ctx context.Context, q *dns.Msg, server string) (Reply, e
 	default:
 		return fail(OutcomeBadAnswer, fmt.Errorf("unexpected rcode %s", dns.RcodeToString[m.Rcode]))
 	}
+}
+
+// exchange is one round trip. Unlike miekg/dns's ExchangeContext it also ends
+// when ctx is cancelled (not only at its deadline), so stopping a watcher never
+// waits for a DNS server that does not answer.
+func exchange(ctx context.Context, c *dns.Client, q *dns.Msg, server string) (*dns.Msg, error) {
+	conn, err := c.DialContext(ctx, server)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	m, _, err := c.ExchangeWithConnContext(ctx, q, conn)
+	if err != nil && ctx.Err() != nil {
+		err = ctx.Err()
+	}
+	return m, err
 }
 
 // checkReply rejects replies that do not answer our question.

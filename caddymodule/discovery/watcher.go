@@ -91,7 +91,8 @@ type Watcher struct {
 	mu        sync.Mutex
 	published chan struct{} // closed and replaced on every publish
 
-	lastWarn time.Time // owned by the run goroutine
+	started  atomic.Uint64 // Seq of the newest lookup started
+	lastWarn time.Time     // owned by the run goroutine
 }
 
 // ErrNotResolved is returned while a Service has never been resolved.
@@ -158,18 +159,15 @@ func (w *Watcher) Refresh() {
 // RefreshNow asks for a lookup and waits until one that started after this call
 // has finished, or ctx ends.
 func (w *Watcher) RefreshNow(ctx context.Context) (*Snapshot, error) {
-	var after uint64
-	if s := w.snap.Load(); s != nil {
-		after = s.Seq
-	}
+	// A lookup in flight may have started before this call: wait for the one
+	// after it. Without one in flight, the next lookup will do.
+	after := w.started.Load()
 	for {
 		w.mu.Lock()
 		ch := w.published
 		w.mu.Unlock()
 		w.Refresh()
-		// The lookup in flight, if any, may have started before this call: wait
-		// for the one after it.
-		if s := w.snap.Load(); s != nil && s.Seq > after+1 {
+		if s := w.snap.Load(); s != nil && s.Seq > after {
 			return s, nil
 		}
 		select {
@@ -233,6 +231,7 @@ func (w *Watcher) run(ctx context.Context) {
 			}
 		}
 		seq++
+		w.started.Store(seq)
 		lastStart = time.Now()
 		res, err := w.cfg.Resolver.Lookup(ctx, w.cfg.Service, w.cfg.IPv4, w.cfg.IPv6)
 		if ctx.Err() != nil {

@@ -1,0 +1,275 @@
+package discovery
+
+import (
+	"context"
+	"errors"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+)
+
+func startWatcher(t *testing.T, srv *dnstest.Server, ref string, tune func(*Config)) (*Watcher, *observer.ObservedLogs) {
+	t.Helper()
+	svc, err := ParseService(ref, Defaults{Namespace: "bbs"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := Config{
+		Service: svc, IPv4: true, IPv6: true,
+		Resolver:   &Resolver{Servers: []string{srv.Addr}, Timeout: 200 * time.Millisecond},
+		RefreshMin: time.Hour, RefreshMax: time.Hour, // tests drive refreshes with RefreshNow
+	}
+	if tune != nil {
+		tune(&cfg)
+	}
+	core, logs := observer.New(zapcore.DebugLevel)
+	w := Start(cfg, zap.New(core))
+	t.Cleanup(w.Stop)
+	return w, logs
+}
+
+func refreshNow(t *testing.T, w *Watcher) *Snapshot {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := w.RefreshNow(ctx)
+	if err != nil {
+		t.Fatalf("RefreshNow: %v", err)
+	}
+	return s
+}
+
+// eventually polls cond every 5ms for up to 10s.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		if cond() {
+			return
+		}
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}
+
+func TestWatcherFollowsDNS(t *testing.T) {
+	srv := dnstest.Start(t, bbsZone)
+	w, logs := startWatcher(t, srv, "frontend:8001", nil)
+
+	s := w.Wait(context.Background(), 5*time.Second)
+	if s == nil || dials(s.Endpoints) != "10.1.0.2:8001 10.1.0.3:8001" || s.Outcome != OutcomeSuccess || s.Stale() {
+		t.Fatalf("first snapshot %+v", s)
+	}
+
+	// Scale out.
+	srv.MustSet(t, bbsZone+"frontend.bbs.svc.cluster.local. 5 IN A 10.1.0.4\n")
+	if s = refreshNow(t, w); dials(s.Endpoints) != "10.1.0.2:8001 10.1.0.3:8001 10.1.0.4:8001" {
+		t.Fatalf("after scale-out: [%s]", dials(s.Endpoints))
+	}
+	changed := logs.FilterMessage("endpoints changed").All()
+	last := changed[len(changed)-1].ContextMap()
+	if got := last["added"]; len(got.([]any)) != 1 || got.([]any)[0] != "10.1.0.4:8001" {
+		t.Fatalf("change log %v; want added [10.1.0.4:8001]", last)
+	}
+
+	// Scale in.
+	srv.MustSet(t, strings.Replace(bbsZone, "frontend.bbs.svc.cluster.local.\t5\tIN\tA\t10.1.0.2\n", "", 1))
+	if s = refreshNow(t, w); dials(s.Endpoints) != "10.1.0.3:8001" {
+		t.Fatalf("after scale-in: [%s]", dials(s.Endpoints))
+	}
+	changed = logs.FilterMessage("endpoints changed").All()
+	if got := changed[len(changed)-1].ContextMap()["removed"].([]any); len(got) != 2 {
+		t.Fatalf("change log removed %v; want 10.1.0.2:8001 and 10.1.0.4:8001", got)
+	}
+
+	// No ready endpoints: NXDOMAIN empties the set, with an error naming service and server.
+	srv.MustSet(t, "")
+	s = refreshNow(t, w)
+	if len(s.Endpoints) != 0 || s.Outcome != OutcomeNXDomain || s.Unavailable == nil {
+		t.Fatalf("after NXDOMAIN: %+v", s)
+	}
+	for _, want := range []string{"frontend.bbs.svc.cluster.local:8001", srv.Addr, "no ready endpoints"} {
+		if !strings.Contains(s.Unavailable.Error(), want) {
+			t.Errorf("Unavailable %q lacks %q", s.Unavailable, want)
+		}
+	}
+
+	// Back.
+	srv.MustSet(t, bbsZone)
+	if s = refreshNow(t, w); len(s.Endpoints) != 2 || s.Unavailable != nil {
+		t.Fatalf("after recovery: %+v", s)
+	}
+}
+
+func TestWatcherKeepsLastGoodSetOnErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		fail    func(*dnstest.Server)
+		outcome Outcome
+	}{
+		{"SERVFAIL", func(s *dnstest.Server) { s.Fail(dns.RcodeServerFailure) }, OutcomeServFail},
+		{"REFUSED", func(s *dnstest.Server) { s.Fail(dns.RcodeRefused) }, OutcomeRefused},
+		{"timeout", func(s *dnstest.Server) { s.Mute(true) }, OutcomeTimeout},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := dnstest.Start(t, bbsZone)
+			w, logs := startWatcher(t, srv, "frontend.bbs:http", nil)
+			good := refreshNow(t, w)
+
+			tc.fail(srv)
+			s := refreshNow(t, w)
+			if dials(s.Endpoints) != dials(good.Endpoints) || !s.Stale() || s.Err == nil || s.Outcome != tc.outcome {
+				t.Fatalf("after %s: endpoints [%s] stale %v err %v outcome %s; want the last good set kept and marked stale",
+					tc.name, dials(s.Endpoints), s.Stale(), s.Err, s.Outcome)
+			}
+			if !s.Resolved.Equal(good.Resolved) {
+				t.Errorf("Resolved moved from %s to %s on a failure", good.Resolved, s.Resolved)
+			}
+			warn := logs.FilterLevelExact(zapcore.WarnLevel).All()
+			if len(warn) == 0 || !strings.Contains(warn[len(warn)-1].Message, "keeping 2 endpoints from") {
+				t.Fatalf("want a warning saying what is kept, got %v", warn)
+			}
+			// The next attempt comes after a short backoff, not the 1h refresh.
+			if wait := s.Next.Sub(s.ErrAt); wait > 250*time.Millisecond || wait < 225*time.Millisecond {
+				t.Errorf("first retry in %s, want 225-250ms", wait)
+			}
+
+			srv.Fail(-1)
+			srv.Mute(false)
+			s = refreshNow(t, w)
+			if s.Stale() || s.Err != nil || len(s.Endpoints) != 2 {
+				t.Fatalf("after recovery: stale %v err %v endpoints %d", s.Stale(), s.Err, len(s.Endpoints))
+			}
+			if logs.FilterMessage("DNS refresh recovered").Len() != 1 {
+				t.Errorf("want one 'recovered' log")
+			}
+		})
+	}
+}
+
+func TestWatcherStaleBound(t *testing.T) {
+	srv := dnstest.Start(t, bbsZone)
+	w, _ := startWatcher(t, srv, "frontend:8001", func(c *Config) {
+		c.Stale = 300 * time.Millisecond
+		c.Resolver.Timeout = 50 * time.Millisecond
+	})
+	refreshNow(t, w)
+	srv.Mute(true)
+	start := time.Now()
+	// Failures retry on their own (250ms, 500ms, …) and the stale deadline is
+	// scheduled exactly; no RefreshNow needed.
+	w.Refresh()
+	eventually(t, "the stale bound to drop the endpoints", func() bool { return w.Snapshot().Expired })
+	s := w.Snapshot()
+	if elapsed := time.Since(start); elapsed < 300*time.Millisecond {
+		t.Fatalf("dropped after %s, before the 300ms stale bound", elapsed)
+	}
+	if len(s.Endpoints) != 0 || s.Unavailable == nil || !strings.Contains(s.Unavailable.Error(), "longer than stale") {
+		t.Fatalf("expired snapshot %+v", s)
+	}
+	srv.Mute(false)
+	if s = refreshNow(t, w); len(s.Endpoints) != 2 || s.Expired {
+		t.Fatalf("after recovery %+v", s)
+	}
+}
+
+func TestWatcherIntervalFollowsTTL(t *testing.T) {
+	for _, tc := range []struct {
+		ttl      string
+		min, max time.Duration
+		want     time.Duration
+	}{
+		{"5", time.Second, time.Second, time.Second},                   // cluster default: check every second
+		{"5", time.Second, time.Minute, 5 * time.Second},               // long max: the TTL decides
+		{"0", time.Second, time.Minute, time.Second},                   // TTL 0: the minimum
+		{"2147483647", time.Second, time.Minute, time.Minute},          // TTL 2^31-1: the maximum
+		{"3600", 10 * time.Second, 30 * time.Second, 30 * time.Second}, // external DNS
+	} {
+		srv := dnstest.Start(t, "frontend.bbs.svc.cluster.local. "+tc.ttl+" IN A 10.1.0.2")
+		w, _ := startWatcher(t, srv, "frontend:80", func(c *Config) { c.RefreshMin, c.RefreshMax, c.IPv6 = tc.min, tc.max, false })
+		s := w.Wait(context.Background(), 5*time.Second)
+		if s == nil {
+			t.Fatal("no snapshot")
+		}
+		if got := s.Next.Sub(s.Resolved); got > tc.want || got < tc.want*9/10 {
+			t.Errorf("ttl %s, refresh [%s,%s]: next in %s, want %s minus at most 10%% jitter", tc.ttl, tc.min, tc.max, got, tc.want)
+		}
+	}
+}
+
+func TestWatcherRefreshesOnItsOwn(t *testing.T) {
+	srv := dnstest.Start(t, bbsZone)
+	w, _ := startWatcher(t, srv, "frontend:8001", func(c *Config) { c.RefreshMin, c.RefreshMax = 20*time.Millisecond, 20*time.Millisecond })
+	w.Wait(context.Background(), 5*time.Second)
+	srv.MustSet(t, "frontend.bbs.svc.cluster.local. 5 IN A 10.1.0.9")
+	eventually(t, "the background refresh to pick up the change", func() bool {
+		return dials(w.Snapshot().Endpoints) == "10.1.0.9:8001"
+	})
+}
+
+func TestWatcherFirstResolutionWaitIsBounded(t *testing.T) {
+	srv := dnstest.Start(t, bbsZone)
+	srv.Mute(true)
+	w, _ := startWatcher(t, srv, "frontend:8001", func(c *Config) { c.Resolver.Timeout = time.Hour })
+	start := time.Now()
+	if s := w.Wait(context.Background(), 100*time.Millisecond); s != nil {
+		t.Fatalf("got snapshot %+v from a mute server", s)
+	}
+	if waited := time.Since(start); waited > 5*time.Second {
+		t.Fatalf("Wait took %s with a 100ms bound", waited)
+	}
+}
+
+func TestWatcherFirstFailureNamesService(t *testing.T) {
+	srv := dnstest.Start(t, bbsZone)
+	srv.Fail(dns.RcodeServerFailure)
+	w, logs := startWatcher(t, srv, "frontend:8001", nil)
+	s := w.Wait(context.Background(), 5*time.Second)
+	if s == nil || len(s.Endpoints) != 0 || !errors.Is(s.Unavailable, ErrNotResolved) ||
+		!strings.Contains(s.Unavailable.Error(), srv.Addr) || !strings.Contains(s.Unavailable.Error(), "frontend.bbs") {
+		t.Fatalf("snapshot after a failed first lookup: %+v", s)
+	}
+	if logs.FilterMessageSnippet("requests to frontend.bbs.svc.cluster.local:8001 will fail").Len() == 0 {
+		t.Fatalf("want a warning that requests will fail, got %v", logs.All())
+	}
+}
+
+func TestWatcherKickIsRateLimited(t *testing.T) {
+	srv := dnstest.Start(t, bbsZone)
+	w, _ := startWatcher(t, srv, "frontend:8001", nil)
+	w.Wait(context.Background(), 5*time.Second)
+	before := srv.Queries()
+	for range 1000 {
+		w.Refresh() // what 1,000 retried requests calling ResetCache do
+	}
+	eventually(t, "the requested refresh", func() bool { return srv.Queries() > before })
+	time.Sleep(50 * time.Millisecond)
+	// A and AAAA: one refresh is two queries; 1,000 kicks must not make 1,000 refreshes.
+	if n := srv.Queries() - before; n > 4 {
+		t.Fatalf("1,000 Refresh calls caused %d queries", n)
+	}
+}
+
+func TestWatcherStopLeavesNoGoroutine(t *testing.T) {
+	srv := dnstest.Start(t, bbsZone)
+	base := runtime.NumGoroutine()
+	var ws []*Watcher
+	for range 20 {
+		svc, _ := ParseService("frontend:8001", Defaults{Namespace: "bbs"})
+		ws = append(ws, Start(Config{Service: svc, IPv4: true, Resolver: &Resolver{Servers: []string{srv.Addr}},
+			RefreshMin: 10 * time.Millisecond, RefreshMax: 10 * time.Millisecond}, nil))
+	}
+	// One of them stuck in a lookup that never returns.
+	srv.Mute(true)
+	time.Sleep(30 * time.Millisecond)
+	for _, w := range ws {
+		w.Stop()
+	}
+	eventually(t, "goroutines back to the baseline", func() bool { return runtime.NumGoroutine() <= base })
+}
