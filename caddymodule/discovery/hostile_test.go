@@ -812,3 +812,103 @@ func TestHostileExtremeTTLs(t *testing.T) {
 		})
 	}
 }
+
+// One watcher through every kind of broken server: transient failures keep the
+// last good set (marked stale), an NXDOMAIN answer empties it, a good answer
+// brings it back.
+func TestHostileWatcherKeepsLastGoodSet(t *testing.T) {
+	var mode atomic.Value
+	mode.Store("good")
+	good := func(q *dns.Msg) *dns.Msg {
+		return hostileReply(t, q, q.Question[0].Name+" 5 IN A 10.1.0.2", q.Question[0].Name+" 5 IN A 10.1.0.3")
+	}
+	raw := startRaw(t, func(q *dns.Msg) [][]byte {
+		switch mode.Load() {
+		case "good":
+			return [][]byte{mustPack(t, good(q))}
+		case "nxdomain":
+			m := new(dns.Msg)
+			m.SetRcode(q, dns.RcodeNameError)
+			m.Ns = []dns.RR{rr(t, dnstest.SOA)}
+			return [][]byte{mustPack(t, m)}
+		case "garbage":
+			return [][]byte{append(binary.BigEndian.AppendUint16(nil, q.Id), 0x84, 0, 0, 1, 0, 1, 0, 0, 0, 0, 3, 'x')}
+		case "wrong question":
+			m := good(q)
+			m.Question[0].Name = "evil.example."
+			return [][]byte{mustPack(t, m)}
+		case "silent":
+			return nil
+		}
+		return truncatedUDP(q) // the TCP cases
+	}, func(q *dns.Msg, c net.Conn) {
+		switch mode.Load() {
+		case "tcp wrong id":
+			m := good(q)
+			m.Id++
+			writeTCP(c, mustPack(t, m))
+		case "tcp cut":
+			b := mustPack(t, good(q))
+			c.Write(binary.BigEndian.AppendUint16(nil, uint16(len(b))))
+			c.Write(b[:len(b)-3])
+		case "tcp truncated empty":
+			m := hostileReply(t, q)
+			m.Truncated = true
+			writeTCP(c, mustPack(t, m))
+		}
+	})
+	base := runtime.NumGoroutine()
+	heap := heapInUse()
+	w := Start(Config{Service: hostileService(t, "flaky:80"), IPv4: true,
+		Resolver:   &Resolver{Servers: []string{raw.Addr}, Timeout: 300 * time.Millisecond},
+		RefreshMin: time.Hour, RefreshMax: time.Hour}, nil)
+	refresh := func() *Snapshot {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		s, err := w.RefreshNow(ctx)
+		if err != nil {
+			t.Fatalf("RefreshNow: %v", err)
+		}
+		return s
+	}
+	const both = "10.1.0.2:80 10.1.0.3:80"
+	if s := refresh(); dials(s.Endpoints) != both {
+		t.Fatalf("first lookup: [%s]", dials(s.Endpoints))
+	}
+	for _, tc := range []struct {
+		mode    string
+		outcome Outcome
+	}{
+		{"silent", OutcomeTimeout},
+		{"garbage", OutcomeBadAnswer},
+		{"wrong question", OutcomeBadAnswer},
+		{"tcp wrong id", OutcomeBadAnswer},
+		{"tcp cut", OutcomeNetwork},
+		{"tcp truncated empty", OutcomeBadAnswer},
+	} {
+		mode.Store(tc.mode)
+		s := refresh()
+		if dials(s.Endpoints) != both || !s.Stale() || s.Outcome != tc.outcome || s.Unavailable != nil {
+			t.Fatalf("%s: [%s] stale=%t outcome %s unavailable %v; want the last good set kept, outcome %s",
+				tc.mode, dials(s.Endpoints), s.Stale(), s.Outcome, s.Unavailable, tc.outcome)
+		}
+		mode.Store("good")
+		if s := refresh(); dials(s.Endpoints) != both || s.Stale() || s.Err != nil {
+			t.Fatalf("after %s: [%s] stale=%t err %v", tc.mode, dials(s.Endpoints), s.Stale(), s.Err)
+		}
+	}
+	mode.Store("nxdomain")
+	if s := refresh(); len(s.Endpoints) != 0 || s.Outcome != OutcomeNXDomain || s.Unavailable == nil {
+		t.Fatalf("NXDOMAIN: [%s] %s; want the set emptied", dials(s.Endpoints), s.Outcome)
+	}
+	mode.Store("silent")
+	if s := refresh(); len(s.Endpoints) != 0 || s.Outcome != OutcomeTimeout || s.Unavailable == nil {
+		t.Fatalf("timeout after NXDOMAIN: [%s] %s; want still empty", dials(s.Endpoints), s.Outcome)
+	}
+	w.Stop()
+	goroutinesSettle(t, base)
+	if grown := int64(heapInUse()) - int64(heap); grown > 8<<20 {
+		t.Errorf("heap grew by %d MiB", grown>>20)
+	}
+}
