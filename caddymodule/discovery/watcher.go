@@ -162,11 +162,14 @@ func (w *Watcher) RefreshNow(ctx context.Context) (*Snapshot, error) {
 	// A lookup in flight may have started before this call: wait for the one
 	// after it. Without one in flight, the next lookup will do.
 	after := w.started.Load()
+	// One kick is enough: it stays queued until the loop takes it, and a taken
+	// kick always leads to a lookup. Kicking again on every wake-up could queue
+	// a second one behind it: a lookup nobody asked for.
+	w.Refresh()
 	for {
 		w.mu.Lock()
 		ch := w.published
 		w.mu.Unlock()
-		w.Refresh()
 		if s := w.snap.Load(); s != nil && s.Seq > after {
 			return s, nil
 		}
