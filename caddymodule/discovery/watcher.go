@@ -344,7 +344,7 @@ func (w *Watcher) logChange(log *zap.Logger, prev, s *Snapshot, res Result) {
 	}
 	if len(added) > 0 || len(removed) > 0 || prev == nil || prev.Expired {
 		fields := []zap.Field{zap.String("service", w.cfg.Service.String()),
-			zap.Strings("added", added), zap.Strings("removed", removed),
+			zap.Strings("added", firstN(added)), zap.Strings("removed", firstN(removed)),
 			zap.Int("endpoints", len(s.Endpoints)), zap.String("outcome", string(res.Outcome)),
 			zap.String("server", res.Server)}
 		if len(s.Endpoints) == 0 {
@@ -372,6 +372,16 @@ func (w *Watcher) logLookup(s *Snapshot, res Result, err error, took time.Durati
 		fields = append(fields, zap.Duration("ttl", res.TTL), zap.String("server", res.Server))
 	}
 	c.Write(fields...)
+}
+
+// firstN bounds an address list for a log line: a 1,000-endpoint rollout
+// must not make a 30 KB log line.
+func firstN(l []string) []string {
+	const n = 20
+	if len(l) <= n {
+		return l
+	}
+	return append(l[:n:n], fmt.Sprintf("... and %d more", len(l)-n))
 }
 
 // diff lists the dial addresses only in b (added) and only in a (removed); both are sorted.

@@ -1,0 +1,72 @@
+package caddymodule
+
+import (
+	"context"
+	"fmt"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+
+	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+)
+
+// BenchmarkGetUpstreams compares the request-path cost of our source with
+// Caddy's own `dynamic a` on a warm cache, for services of N endpoints.
+// upstreams/op shows how many endpoints each source actually hands out: with a
+// custom resolver, Caddy's source cannot get past one truncated UDP reply.
+//
+//	go test -run '^$' -bench BenchmarkGetUpstreams -benchmem ./caddymodule/
+func BenchmarkGetUpstreams(b *testing.B) {
+	for _, n := range []int{1, 10, 100, 1000} {
+		var zone strings.Builder
+		for i := range n {
+			fmt.Fprintf(&zone, "app%d.bbs.svc.cluster.local. 5 IN A 10.2.%d.%d\n", n, i/250, i%250+1)
+		}
+		srv := dnstest.Start(b, zone.String())
+		ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+		b.Cleanup(func() { cancel() })
+
+		sources := []struct {
+			name string
+			src  reverseproxy.UpstreamSource
+		}{
+			// Both refresh hourly, so no lookup runs during the measurement.
+			{"headless", &Headless{Service: fmt.Sprintf("app%d.bbs:8080", n), Resolvers: []string{srv.Addr}, Versions: ipv4Only(),
+				RefreshMin: caddy.Duration(time.Hour)}},
+			// Caddy caches by name in a process-wide map: a distinct name per N.
+			{"caddy-a", &reverseproxy.AUpstreams{Name: fmt.Sprintf("app%d.bbs.svc.cluster.local", n), Port: "8080", Refresh: caddy.Duration(time.Hour),
+				Resolver: &reverseproxy.UpstreamResolver{Addresses: []string{srv.Addr}}, Versions: ipv4Only()}},
+		}
+		for _, s := range sources {
+			if err := s.src.(caddy.Provisioner).Provision(ctx); err != nil {
+				b.Fatal(err)
+			}
+			if c, ok := s.src.(caddy.CleanerUpper); ok {
+				b.Cleanup(func() { c.Cleanup() })
+			}
+			b.Run(fmt.Sprintf("source=%s/endpoints=%d", s.name, n), func(b *testing.B) {
+				r := httptest.NewRequest("GET", "/", nil)
+				r = r.WithContext(context.WithValue(r.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
+				ups, err := s.src.GetUpstreams(r) // warm the cache
+				if err != nil || len(ups) == 0 {
+					b.Fatalf("warm-up: %d upstreams, %v", len(ups), err)
+				}
+				b.ReportAllocs()
+				b.ResetTimer()
+				for b.Loop() {
+					ups, _ = s.src.GetUpstreams(r)
+				}
+				b.ReportMetric(float64(len(ups)), "upstreams/op")
+			})
+		}
+	}
+}
+
+func ipv4Only() *reverseproxy.IPVersions {
+	yes := true
+	return &reverseproxy.IPVersions{IPv4: &yes}
+}
