@@ -83,9 +83,13 @@ func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, er
 		if d.Nesting() != 1 || d.Val() == "}" {
 			continue
 		}
-		switch d.Val() {
-		case "to", "dynamic":
-			return nil, d.Errf("headless_proxy: %q is not allowed here: the upstreams are the services named after headless_proxy (use reverse_proxy for other upstreams, or name more services)", d.Val())
+		switch v := d.Val(); {
+		case v == "to" || v == "dynamic":
+			return nil, d.Errf("headless_proxy: %q is not allowed here: the upstreams are the services named after headless_proxy (use reverse_proxy for other upstreams, or name more services)", v)
+		case strings.HasPrefix(v, "health_"):
+			// Caddy runs active health checks on static upstreams only: the
+			// check would be accepted and silently never run.
+			return nil, d.Errf("headless_proxy: %s: active health checks do not run on dynamic upstreams; unready endpoints already leave cluster DNS (Kubernetes readiness probes), and max_fails/fail_duration check passively", v)
 		}
 		opt, n := d.Val(), d.CountRemainingArgs()
 		known, err := opts.UnmarshalOption(d)
