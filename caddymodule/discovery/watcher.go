@@ -233,6 +233,13 @@ func (w *Watcher) run(ctx context.Context) {
 				continue
 			}
 		}
+		// This lookup answers the kicks sent so far (even if the timer started
+		// it): drop a pending one rather than look up twice in a row. Drain
+		// before publishing the new seq, so RefreshNow never loses its kick.
+		select {
+		case <-w.kick:
+		default:
+		}
 		seq++
 		w.started.Store(seq)
 		lastStart = time.Now()
