@@ -1,0 +1,237 @@
+package caddymodule
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+
+	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
+	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+)
+
+// scrape is one reading of a metrics registry: every sample by its series,
+// written as name{label="value",…} with the labels sorted by name.
+type scrape map[string]float64
+
+// metrics reads Caddy's /metrics on the admin endpoint.
+func (c *adminCaddy) metrics() scrape {
+	c.t.Helper()
+	code, body := c.do(http.MethodGet, "/metrics", nil)
+	if code != http.StatusOK {
+		c.t.Fatalf("GET /metrics: %d %s", code, body)
+	}
+	return parseScrape(c.t, body)
+}
+
+func parseScrape(t *testing.T, text []byte) scrape {
+	t.Helper()
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := p.TextToMetricFamilies(bytes.NewReader(text))
+	if err != nil {
+		t.Fatalf("parsing /metrics: %v", err)
+	}
+	s := scrape{}
+	put := func(name string, labels []*dto.LabelPair, extra string, v float64) {
+		var ls []string
+		for _, l := range labels {
+			ls = append(ls, fmt.Sprintf("%s=%q", l.GetName(), l.GetValue()))
+		}
+		if extra != "" {
+			ls = append(ls, extra)
+		}
+		slices.Sort(ls)
+		key := name + "{" + strings.Join(ls, ",") + "}"
+		if _, dup := s[key]; dup {
+			t.Fatalf("/metrics has %s twice", key)
+		}
+		s[key] = v
+	}
+	for name, f := range families {
+		for _, m := range f.GetMetric() {
+			switch {
+			case m.Counter != nil:
+				put(name, m.Label, "", m.Counter.GetValue())
+			case m.Gauge != nil:
+				put(name, m.Label, "", m.Gauge.GetValue())
+			case m.Histogram != nil:
+				h := m.Histogram
+				for _, b := range h.GetBucket() { // +Inf included
+					put(name+"_bucket", m.Label, fmt.Sprintf("le=%q", model.SampleValue(b.GetUpperBound()).String()), float64(b.GetCumulativeCount()))
+				}
+				put(name+"_count", m.Label, "", float64(h.GetSampleCount()))
+				put(name+"_sum", m.Label, "", h.GetSampleSum())
+			case m.Untyped != nil:
+				put(name, m.Label, "", m.Untyped.GetValue())
+			}
+		}
+	}
+	return s
+}
+
+func (s scrape) has(series string) bool { _, ok := s[series]; return ok }
+
+func (s scrape) value(t *testing.T, series string) float64 {
+	t.Helper()
+	v, ok := s[series]
+	if !ok {
+		t.Fatalf("no series %s; have:\n%s", series, s.headless())
+	}
+	return v
+}
+
+func (s scrape) expect(t *testing.T, series string, want float64) {
+	t.Helper()
+	if got := s.value(t, series); got != want {
+		t.Errorf("%s = %v, want %v", series, got, want)
+	}
+}
+
+// headless lists the caddy_headless_ series, for failure messages.
+func (s scrape) headless() string {
+	var out []string
+	for k, v := range s {
+		if strings.HasPrefix(k, "caddy_headless_") {
+			out = append(out, fmt.Sprintf("  %s %v", k, v))
+		}
+	}
+	slices.Sort(out)
+	return strings.Join(out, "\n")
+}
+
+// gather reads a registry the way /metrics does.
+func gather(t *testing.T, ctx caddy.Context) scrape {
+	t.Helper()
+	families, err := ctx.GetMetricsRegistry().Gather()
+	if err != nil {
+		t.Fatalf("gathering the registry: %v", err)
+	}
+	var buf bytes.Buffer
+	for _, f := range families {
+		if _, err := expfmt.MetricFamilyToText(&buf, f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return parseScrape(t, buf.Bytes())
+}
+
+var testWatchers int
+
+// startTestWatcher starts a watcher the way Provision does (lookup counters
+// attached) and waits for its first lookup, the only one in the next hour.
+func startTestWatcher(t *testing.T, srv *dnstest.Server, ref string) (string, *discovery.Watcher) {
+	t.Helper()
+	svc, err := discovery.ParseService(ref, discovery.Defaults{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := discovery.Config{Service: svc, IPv4: true, Resolver: &discovery.Resolver{Servers: []string{srv.Addr}},
+		RefreshMin: time.Hour, RefreshMax: time.Hour}
+	// A key of its own, so watchers of the same Service stay apart.
+	testWatchers++
+	key := fmt.Sprintf("%s #%d %s", t.Name(), testWatchers, watcherKey(cfg))
+	cfg.OnLookup = lookupStatsFor(key).observe
+	w := discovery.Start(cfg, nil)
+	t.Cleanup(w.Stop)
+	if w.Wait(context.Background(), 10*time.Second) == nil {
+		t.Fatalf("%s: no answer from %s", ref, srv.Addr)
+	}
+	return key, w
+}
+
+func newTestContext(t *testing.T) caddy.Context {
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// Every Headless of a config registers on the same registry: the first
+// registers the collector, the others join it, and nothing is exported twice
+// even when two watchers ask for the same Service.
+func TestMetricsOneCollectorPerRegistry(t *testing.T) {
+	srv := dnstest.Start(t, frontendZone)
+	ctx := newTestContext(t)
+	k1, w1 := startTestWatcher(t, srv, frontend)
+	// The same Service through another watcher (say, other resolver settings).
+	k2, w2 := startTestWatcher(t, srv, frontend)
+	for _, r := range []struct {
+		key string
+		w   *discovery.Watcher
+	}{{k1, w1}, {k2, w2}, {k1, w1}} {
+		if err := registerMetrics(ctx, r.key, r.w); err != nil {
+			t.Fatalf("registerMetrics: %v", err)
+		}
+	}
+	s := gather(t, ctx)
+	// Counters add up; gauges show the worse watcher.
+	s.expect(t, `caddy_headless_lookups_total{outcome="success",service="`+frontend+`"}`, 2)
+	s.expect(t, `caddy_headless_lookup_duration_seconds_count{service="`+frontend+`"}`, 2)
+	s.expect(t, `caddy_headless_endpoints{service="`+frontend+`"}`, 2)
+
+	// Another config, another registry: exported there too, from the same counters.
+	other := newTestContext(t)
+	if err := registerMetrics(other, k1, w1); err != nil {
+		t.Fatal(err)
+	}
+	gather(t, other).expect(t, `caddy_headless_lookups_total{outcome="success",service="`+frontend+`"}`, 1)
+}
+
+// One config exports at most maxServiceLabels service labels; the watchers
+// beyond share service="_other", so a huge config cannot blow up the series.
+func TestMetricsServiceLabelsBounded(t *testing.T) {
+	srv := dnstest.Start(t, frontendZone+backendZone)
+	ctx := newTestContext(t)
+	c := newServiceCollector()
+	c.limit = 2
+	if err := ctx.GetMetricsRegistry().Register(c); err != nil {
+		t.Fatal(err)
+	}
+	for _, ref := range []string{frontend, backend, "nosuch.bbs.svc.cluster.local:80", "gone.bbs.svc.cluster.local:80"} {
+		key, w := startTestWatcher(t, srv, ref)
+		if err := registerMetrics(ctx, key, w); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s := gather(t, ctx)
+	var services []string
+	for k := range s {
+		if name, labels, ok := strings.Cut(k, "{"); ok && name == "caddy_headless_endpoints" {
+			services = append(services, labels)
+		}
+	}
+	slices.Sort(services)
+	want := []string{`service="_other"}`, `service="` + backend + `"}`, `service="` + frontend + `"}`}
+	if !slices.Equal(services, want) {
+		t.Fatalf("service labels %v, want %v", services, want)
+	}
+	s.expect(t, `caddy_headless_lookups_total{outcome="nxdomain",service="_other"}`, 2)
+	s.expect(t, `caddy_headless_endpoints{service="_other"}`, 0)
+}
+
+// The histogram counts every lookup in the bucket of its duration.
+func TestLookupStatsBuckets(t *testing.T) {
+	st := newLookupStats()
+	for _, d := range []time.Duration{300 * time.Microsecond, time.Millisecond, 2 * time.Second, time.Minute} {
+		st.observe(discovery.LookupEvent{Outcome: discovery.OutcomeSuccess, Duration: d, Result: discovery.Result{Queries: 2, Truncated: 1}})
+	}
+	st.observe(discovery.LookupEvent{Outcome: discovery.OutcomeTimeout, Duration: 500 * time.Millisecond})
+	want := map[float64]uint64{.0005: 1, .001: 1, .5: 1, 2.5: 1}
+	for i, ub := range durationBuckets {
+		if st.buckets[i] != want[ub] {
+			t.Errorf("bucket le=%v holds %d, want %d", ub, st.buckets[i], want[ub])
+		}
+	}
+	if inf := st.buckets[len(durationBuckets)]; inf != 1 || st.count != 5 || st.queries != 8 || st.truncated != 4 ||
+		st.outcomes[outcomeIndex[discovery.OutcomeTimeout]] != 1 || st.outcomes[outcomeIndex[discovery.OutcomeSuccess]] != 4 {
+		t.Errorf("stats %+v", st)
+	}
+}
