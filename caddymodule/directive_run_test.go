@@ -44,8 +44,8 @@ func freeLoopbackPort(t *testing.T) string {
 
 // TestHeadlessProxyServes runs Caddy in-process on a Caddyfile using the
 // directive: paths are routed to different Services, the block's reverse_proxy
-// subdirectives apply, https:// reaches a TLS backend, and a DNS change is
-// followed without a reload.
+// subdirectives apply, https:// reaches a TLS backend, several Services are
+// combined, and a DNS change is followed without a reload.
 func TestHeadlessProxyServes(t *testing.T) {
 	frontend := httptest.NewServer(whoamiBackend("frontend"))
 	defer frontend.Close()
@@ -66,7 +66,7 @@ api.backend.bbs.svc.cluster.local. 5 IN A 127.0.0.1
 	}
 	dns := dnstest.Start(t, zone(portOf(t, api1.URL)))
 
-	listen, tlsListen := freeLoopbackPort(t), freeLoopbackPort(t)
+	listen, tlsListen, multiListen := freeLoopbackPort(t), freeLoopbackPort(t), freeLoopbackPort(t)
 	cfg, err := adaptCaddyfile(fmt.Sprintf(`{
 	admin off
 	persist_config off
@@ -92,7 +92,12 @@ http://127.0.0.1:%[4]s {
 			tls_insecure_skip_verify
 		}
 	}
-}`, dns.Addr, listen, portOf(t, frontend.URL), tlsListen, portOf(t, secure.URL)))
+}
+http://127.0.0.1:%[6]s {
+	headless_proxy canary.bbs:%[3]s frontend.bbs:%[3]s {
+		import cluster
+	}
+}`, dns.Addr, listen, portOf(t, frontend.URL), tlsListen, portOf(t, secure.URL), multiListen))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -117,6 +122,8 @@ http://127.0.0.1:%[4]s {
 		{base + "/signin", "frontend /signin real-ip="},
 		{base + "/api/items", "api-1 /api/items real-ip=127.0.0.1"},
 		{"http://127.0.0.1:" + tlsListen + "/x", "secure /x real-ip="},
+		// canary.bbs has no records (NXDOMAIN: no ready endpoints); frontend.bbs serves.
+		{"http://127.0.0.1:" + multiListen + "/m", "frontend /m real-ip="},
 	} {
 		if got := get(c.url); got != c.want {
 			t.Errorf("GET %s = %q, want %q", c.url, got, c.want)
