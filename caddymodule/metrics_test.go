@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -233,5 +234,32 @@ func TestLookupStatsBuckets(t *testing.T) {
 	if inf := st.buckets[len(durationBuckets)]; inf != 1 || st.count != 5 || st.queries != 8 || st.truncated != 4 ||
 		st.outcomes[outcomeIndex[discovery.OutcomeTimeout]] != 1 || st.outcomes[outcomeIndex[discovery.OutcomeSuccess]] != 4 {
 		t.Errorf("stats %+v", st)
+	}
+}
+
+// The metric names follow Prometheus conventions (promlint).
+func TestMetricsLint(t *testing.T) {
+	srv := dnstest.Start(t, frontendZone)
+	key, w := startTestWatcher(t, srv, frontend)
+	ctx := newTestContext(t)
+	if err := registerMetrics(ctx, key, w); err != nil {
+		t.Fatal(err)
+	}
+	families, err := ctx.GetMetricsRegistry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	families = slices.DeleteFunc(families, func(f *dto.MetricFamily) bool {
+		return !strings.HasPrefix(f.GetName(), "caddy_headless_")
+	})
+	if len(families) != 8 {
+		t.Errorf("%d caddy_headless_ families, want 8", len(families))
+	}
+	problems, err := promlint.NewWithMetricFamilies(families).Lint()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range problems {
+		t.Errorf("%s: %s", p.Metric, p.Text)
 	}
 }
