@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the integration suite's tool chain (etcd, kube-apiserver, CoreDNS, Pebble)
-# from the Go module proxy into $HOME/.cache/caddy-headless/bin (or $TOOLS_BIN).
+# Builds the integration suite's tool chain (etcd, kube-apiserver, kubectl,
+# CoreDNS, Pebble) from the Go module proxy into $HOME/.cache/caddy-headless/bin
+# (or $TOOLS_BIN).
 #
 # Each tool is its own Go module under tools/<name>/, so their dependency graphs
 # never meet. A binary is rebuilt only when its cache key changes: the hash of
@@ -22,14 +23,14 @@ target_of() {
 }
 ldflags_of() {
 	case "$1" in
-	kube-apiserver) echo "-s -w -X k8s.io/component-base/version.gitVersion=v1.37.2 -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=37" ;;
+	kube-apiserver | kubectl) echo "-s -w -X k8s.io/component-base/version.gitVersion=v1.37.2 -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=37" ;;
 	*) echo "-s -w" ;;
 	esac
 }
 
 tools=("$@")
 if [ ${#tools[@]} -eq 0 ]; then
-	tools=(etcd coredns pebble kube-apiserver)
+	tools=(etcd coredns pebble kubectl kube-apiserver)
 fi
 
 for t in "${tools[@]}"; do

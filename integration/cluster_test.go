@@ -123,7 +123,7 @@ current-context: e2e
 	// The default namespace is made by the apiserver's own bootstrap
 	// controller; wait for it so that kubectl sees a settled cluster.
 	return waitFor(30*time.Second, 500*time.Millisecond, func() error {
-		_, err := run("kubectl", "--kubeconfig", s.kubeconfig, "get", "namespace", "default")
+		_, err := run(s.tool("kubectl"), "--kubeconfig", s.kubeconfig, "get", "namespace", "default")
 		return err
 	})
 }
@@ -275,26 +275,17 @@ func (s *suite) pebbleIssued(state *tls.ConnectionState) error {
 	return err
 }
 
-// kubectl runs kubectl against the suite's apiserver.
-func (s *suite) kubectl(t *testing.T, args ...string) string {
-	t.Helper()
-	out, err := run("kubectl", append([]string{"--kubeconfig", s.kubeconfig}, args...)...)
-	if err != nil {
-		t.Fatalf("kubectl: %v", err)
-	}
-	return out
-}
-
 // apply runs `kubectl apply -f -` with the given manifests.
 func (s *suite) apply(t *testing.T, manifests ...string) {
 	t.Helper()
 	in := strings.Join(manifests, "\n---\n")
-	if _, err := runInput([]byte(in), "kubectl", "--kubeconfig", s.kubeconfig, "apply", "-f", "-"); err != nil {
+	if _, err := runInput([]byte(in), s.tool("kubectl"), "--kubeconfig", s.kubeconfig, "apply", "-f", "-"); err != nil {
 		t.Fatalf("kubectl apply: %v\nmanifests:\n%s", err, in)
 	}
 }
 
-// namespace creates a namespace for one scenario and deletes it afterwards.
+// namespace creates a namespace for one scenario (the control plane lives
+// only as long as the run, so nothing is deleted).
 func (s *suite) namespace(t *testing.T, name string) {
 	t.Helper()
 	s.apply(t, fmt.Sprintf("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: %s\n", name))

@@ -58,7 +58,7 @@ var (
 	env       *suite
 	skipWhy   string
 	setupErr  error
-	toolNames = []string{"etcd", "kube-apiserver", "coredns", "pebble"}
+	toolNames = []string{"etcd", "kube-apiserver", "kubectl", "coredns", "pebble"}
 )
 
 // requireSuite returns the shared environment, or skips the test when the
@@ -130,9 +130,6 @@ func (s *suite) setup() error {
 	}
 	if _, err := exec.LookPath("ip"); err != nil {
 		return errors.New("`ip` not found: install iproute2")
-	}
-	if _, err := exec.LookPath("kubectl"); err != nil {
-		return errors.New("kubectl not found")
 	}
 	killLeftovers()
 	cleanupNetns()
@@ -238,7 +235,7 @@ func (s *suite) dumpLogs() {
 	}
 }
 
-// tools returns the path of a built tool.
+// tool returns the path of a built tool.
 func (s *suite) tool(name string) string { return filepath.Join(s.toolsBin, name) }
 
 // httpsClient trusts the suite's CA (kube-apiserver, Pebble's API).

@@ -2,8 +2,8 @@
 # Entry point of the end-to-end suite (called by `make test` and .ci/run):
 # builds the tool chain (cached in $HOME/.cache/caddy-headless/bin), then runs
 # the suite, which builds Caddy from this checkout with xcaddy/build.sh unless
-# CADDY_BIN names a binary. Needs root (network namespaces), iproute2 and
-# kubectl. Extra arguments go to `go test` (e.g. -run TestStory).
+# CADDY_BIN names a binary. Needs root (network namespaces) and iproute2.
+# Extra arguments go to `go test` (e.g. -run TestStory).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -16,4 +16,10 @@ t1=$(date +%s)
 status=0
 go test -race -count=1 -v -timeout "${E2E_TIMEOUT:-25m}" "$@" ./... || status=$?
 echo "integration: suite finished in $(( $(date +%s) - t1 ))s (exit $status)"
+# The suite removes its network namespaces itself, also when a test fails; a
+# killed or timed-out run leaves them to the next run, or to this.
+for ns in $(ip netns list 2>/dev/null | awk '/^chl-/ {print $1}'); do
+	ip netns pids "$ns" | xargs -r kill -9 2>/dev/null || true
+	ip netns del "$ns" || true
+done
 exit $status
