@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # CI: Caddyfile.example (and the demo's Caddyfile, which imports it) must adapt
-# and validate with a Caddy built from this checkout.
+# and validate with a Caddy built from this checkout; so must every golden
+# Caddyfile of caddymodule/testdata/caddyfile_adapt, and each error_* golden
+# must fail to adapt with the error it records.
 # Usage: scripts/check-example.sh [CADDY]   (default: bin/caddy, built if stale)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -29,3 +31,30 @@ check() { # check FILE [ENV...]
 check Caddyfile.example
 check demo/Caddyfile DEMO_ADMIN_PORT=10019 DEMO_HTTP_PORT=10080 DEMO_HTTPS_PORT=10443 \
 	DEMO_RUN="$tmp/demo" HEADLESS_OPTIONS="resolvers 127.0.0.1:10053"
+
+n=0
+for golden in caddymodule/testdata/caddyfile_adapt/*.caddyfiletest; do
+	sed '/^----------$/,$d' "$golden" >"$tmp/Caddyfile"
+	want=$(sed '1,/^----------$/d' "$golden")
+	case $(basename "$golden") in
+	error_*)
+		if "$caddy" adapt --config "$tmp/Caddyfile" --adapter caddyfile >/dev/null 2>"$tmp/err.log"; then
+			echo "check-example: $golden adapted, but should fail with: $want" >&2
+			exit 1
+		fi
+		# The binary names the file by its path, where the golden says
+		# "Caddyfile", and logs the error as a JSON string.
+		want=${want//Caddyfile:/$tmp/Caddyfile:}
+		want=${want//\\/\\\\}
+		want=${want//\"/\\\"}
+		grep -qF -- "$want" "$tmp/err.log" ||
+			{ cat "$tmp/err.log" >&2; echo "check-example: $golden: want error: $want" >&2; exit 1; }
+		;;
+	*)
+		"$caddy" validate --config "$tmp/Caddyfile" --adapter caddyfile >"$tmp/validate.log" 2>&1 ||
+			{ cat "$tmp/validate.log" >&2; echo "check-example: caddy validate $golden failed" >&2; exit 1; }
+		;;
+	esac
+	n=$((n + 1))
+done
+echo "check-example: $n golden Caddyfiles behave the same with $caddy"
