@@ -7,6 +7,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -14,6 +16,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/miekg/dns"
+	"github.com/prometheus/client_golang/prometheus"
 
 	// The admin endpoint's /metrics route (admin.api.metrics).
 	_ "github.com/caddyserver/caddy/v2/modules/metrics"
@@ -476,4 +479,35 @@ func toJSON(v any) string {
 		return fmt.Sprintf("%#v", v)
 	}
 	return string(b)
+}
+
+// The README documents every JSON field and every metric (issue 5: stable,
+// documented names).
+func TestObservabilityDocumented(t *testing.T) {
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(readme), "<!-- section: observability (issue 5) -->")
+	if !ok {
+		t.Fatal("README.md has no observability section")
+	}
+	section, _, _ = strings.Cut(section, "<!-- section:")
+	var names []string
+	for _, typ := range []reflect.Type{reflect.TypeFor[WatcherStatus](), reflect.TypeFor[EndpointStatus]()} {
+		for f := range typ.Fields() {
+			tag, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+			names = append(names, tag)
+		}
+	}
+	for _, d := range []*prometheus.Desc{descLookups, descQueries, descTruncated, descDropped,
+		descDuration, descEndpoints, descSinceSuccess, descStale} {
+		name, _, _ := strings.Cut(strings.TrimPrefix(d.String(), `Desc{fqName: "`), `"`)
+		names = append(names, name)
+	}
+	for _, name := range names {
+		if !strings.Contains(section, "`"+name+"`") && !strings.Contains(section, "`"+name+"{") {
+			t.Errorf("README's observability section does not document %s", name)
+		}
+	}
 }
