@@ -16,7 +16,6 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/miekg/dns"
-	"github.com/prometheus/client_golang/prometheus"
 
 	// The admin endpoint's /metrics route (admin.api.metrics).
 	_ "github.com/caddyserver/caddy/v2/modules/metrics"
@@ -500,8 +499,7 @@ func TestObservabilityDocumented(t *testing.T) {
 			names = append(names, tag)
 		}
 	}
-	for _, d := range []*prometheus.Desc{descLookups, descQueries, descTruncated, descDropped,
-		descDuration, descEndpoints, descSinceSuccess, descStale} {
+	for _, d := range allDescs {
 		name, _, _ := strings.Cut(strings.TrimPrefix(d.String(), `Desc{fqName: "`), `"`)
 		names = append(names, name)
 	}

@@ -61,6 +61,10 @@ var (
 		[]string{"service"}, nil)
 )
 
+// allDescs are the metrics a serviceCollector exports.
+var allDescs = []*prometheus.Desc{descLookups, descQueries, descTruncated, descDropped,
+	descDuration, descEndpoints, descSinceSuccess, descStale}
+
 // outcomeIndex maps each discovery.Outcome to its slot in lookupStats.outcomes.
 var outcomeIndex = func() map[discovery.Outcome]int {
 	m := make(map[discovery.Outcome]int, len(discovery.Outcomes))
@@ -177,8 +181,7 @@ func (c *serviceCollector) add(key string, w *discovery.Watcher) {
 
 // Describe implements prometheus.Collector.
 func (c *serviceCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descLookups, descQueries, descTruncated, descDropped,
-		descDuration, descEndpoints, descSinceSuccess, descStale} {
+	for _, d := range allDescs {
 		ch <- d
 	}
 }
@@ -196,7 +199,7 @@ type serviceSeries struct {
 	sum                         float64
 
 	endpoints    int
-	sinceSuccess float64 // -1 while some watcher never had an answer and none did
+	sinceSuccess float64 // -1 until one of the watchers has had an answer
 	stale        bool
 	watchers     int
 }
