@@ -1,0 +1,278 @@
+package caddymodule
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http/httptest"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+
+	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
+	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+)
+
+const appZone = `
+app.bbs.svc.cluster.local. 5 IN A 10.1.0.2
+app.bbs.svc.cluster.local. 5 IN A 10.1.0.3
+`
+
+func newCtx(t *testing.T) (caddy.Context, context.CancelFunc) {
+	t.Helper()
+	return caddy.NewContext(caddy.Context{Context: context.Background()})
+}
+
+func provision(t *testing.T, h *Headless) {
+	t.Helper()
+	ctx, cancel := newCtx(t)
+	t.Cleanup(cancel)
+	if err := h.Provision(ctx); err != nil {
+		t.Fatalf("Provision(%s): %v", h.Service, err)
+	}
+}
+
+func getUpstreams(t *testing.T, h *Headless) ([]*reverseproxy.Upstream, error) {
+	t.Helper()
+	r := httptest.NewRequest("GET", "/", nil)
+	return h.GetUpstreams(r)
+}
+
+func dialsOf(ups []*reverseproxy.Upstream) string {
+	var s []string
+	for _, u := range ups {
+		s = append(s, u.Dial)
+	}
+	return strings.Join(s, " ")
+}
+
+// users reports how many provisioned sources hold the watcher for key.
+func users(key string) int {
+	n, _ := watchers.References(key)
+	return n
+}
+
+func TestWatcherSharedByEqualQuestions(t *testing.T) {
+	srv := dnstest.Start(t, appZone)
+	base := runtime.NumGoroutine()
+	a := &Headless{Service: "app.bbs:8080", Resolvers: []string{srv.Addr}, Namespace: "bbs"}
+	b := &Headless{Service: "app.bbs.svc.cluster.local:8080", Resolvers: []string{srv.Addr}} // same question, other spelling
+	c := &Headless{Service: "app:8081", Resolvers: []string{srv.Addr}, Namespace: "bbs"}     // another port: another watcher
+	for _, h := range []*Headless{a, b, c} {
+		provision(t, h)
+	}
+	if a.watcher != b.watcher || a.key != b.key || users(a.key) != 2 {
+		t.Fatalf("equal questions got different watchers (users %d)", users(a.key))
+	}
+	if c.watcher == a.watcher {
+		t.Fatal("a different port shares a watcher")
+	}
+	ups, err := getUpstreams(t, b)
+	if err != nil || dialsOf(ups) != "10.1.0.2:8080 10.1.0.3:8080" {
+		t.Fatalf("GetUpstreams = [%s], %v", dialsOf(ups), err)
+	}
+
+	// The first release keeps the watcher running for the other user.
+	if err := a.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	if users(b.key) != 1 {
+		t.Fatalf("users %d after one Cleanup, want 1", users(b.key))
+	}
+	srv.MustSet(t, "app.bbs.svc.cluster.local. 5 IN A 10.1.0.9")
+	if s, err := b.watcher.RefreshNow(context.Background()); err != nil || len(s.Endpoints) != 1 {
+		t.Fatalf("watcher after the first Cleanup: %v, %v", s, err)
+	}
+	// The last release stops it, and nothing is left running.
+	b.Cleanup()
+	c.Cleanup()
+	if users(b.key) != 0 || users(c.key) != 0 {
+		t.Fatal("watchers still referenced after the last Cleanup")
+	}
+	waitGoroutines(t, base)
+}
+
+func waitGoroutines(t *testing.T, base int) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if runtime.NumGoroutine() <= base {
+			return
+		}
+	}
+	buf := make([]byte, 1<<20)
+	t.Fatalf("%d goroutines, baseline %d:\n%s", runtime.NumGoroutine(), base, buf[:runtime.Stack(buf, true)])
+}
+
+// config is a minimal Caddy JSON config with one reverse_proxy per service.
+func config(t *testing.T, dnsAddr string, services ...string) []byte {
+	t.Helper()
+	var routes []any
+	for _, s := range services {
+		routes = append(routes, map[string]any{"handle": []any{map[string]any{
+			"handler": "reverse_proxy",
+			"dynamic_upstreams": map[string]any{
+				"source": "headless", "service": s, "resolvers": []string{dnsAddr}, "namespace": "bbs",
+			},
+		}}})
+	}
+	cfg := map[string]any{
+		"admin": map[string]any{"disabled": true, "config": map[string]any{"persist": false}},
+		"apps": map[string]any{"http": map[string]any{"servers": map[string]any{"srv": map[string]any{
+			"listen": []string{"127.0.0.1:0"}, "routes": routes,
+		}}}},
+	}
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestReloadReusesRunningWatcher(t *testing.T) {
+	srv := dnstest.Start(t, appZone)
+	base := runtime.NumGoroutine()
+	if err := caddy.Load(config(t, srv.Addr, "app:8080", "app:8080"), true); err != nil {
+		t.Fatal(err)
+	}
+	var key string
+	var w *discovery.Watcher
+	watchers.Range(func(k, v any) bool {
+		key, w = k.(string), v.(*discovery.Watcher)
+		return false
+	})
+	if w == nil || users(key) != 2 {
+		t.Fatalf("after the first load: watcher %v, users %d; want one watcher with 2 users", w, users(key))
+	}
+	if w.Wait(context.Background(), 5*time.Second) == nil {
+		t.Fatal("first resolution did not finish")
+	}
+
+	// Reload 10 times (forced, as POST /load with a changed config would be).
+	for i := range 10 {
+		services := []string{"app:8080"}
+		if i%2 == 0 {
+			services = append(services, "app.bbs:8080")
+		}
+		if err := caddy.Load(config(t, srv.Addr, services...), true); err != nil {
+			t.Fatal(err)
+		}
+		var now *discovery.Watcher
+		watchers.Range(func(k, v any) bool { now = v.(*discovery.Watcher); return false })
+		if now != w {
+			t.Fatalf("reload %d started a new watcher: a cold start", i)
+		}
+		if n := users(key); n != len(services) {
+			t.Fatalf("reload %d: %d users, want %d", i, n, len(services))
+		}
+	}
+
+	// Unloading everything stops the watcher and its goroutine.
+	if err := caddy.Load([]byte(`{"admin":{"disabled":true,"config":{"persist":false}}}`), true); err != nil {
+		t.Fatal(err)
+	}
+	if users(key) != 0 {
+		t.Fatalf("%d users after unloading", users(key))
+	}
+	waitGoroutines(t, base)
+}
+
+func TestProvisionNeverWaitsOnDNS(t *testing.T) {
+	// A resolver that never answers: Provision (and so `caddy validate`) must
+	// succeed at once, offline.
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	start := time.Now()
+	cfg := config(t, pc.LocalAddr().String(), "app:8080")
+	var c caddy.Config
+	if err := json.Unmarshal(cfg, &c); err != nil {
+		t.Fatal(err)
+	}
+	if err := caddy.Validate(&c); err != nil {
+		t.Fatalf("validate with an unreachable resolver: %v", err)
+	}
+	if d := time.Since(start); d > discovery.DefaultTimeout {
+		t.Fatalf("validate took %s: it waited on DNS", d)
+	}
+}
+
+func TestGetUpstreamsReturnsFreshCopies(t *testing.T) {
+	srv := dnstest.Start(t, appZone)
+	h := &Headless{Service: "app.bbs:8080", Resolvers: []string{srv.Addr}}
+	provision(t, h)
+	defer h.Cleanup()
+	first, err := getUpstreams(t, h)
+	if err != nil || len(first) != 2 {
+		t.Fatalf("GetUpstreams = %d, %v", len(first), err)
+	}
+	first[0].Dial, first[0].MaxRequests = "mangled:1", 7 // Caddy writes into what it gets
+	second, _ := getUpstreams(t, h)
+	if dialsOf(second) != "10.1.0.2:8080 10.1.0.3:8080" || second[0].MaxRequests != 0 || second[0] == first[0] {
+		t.Fatalf("a caller's writes leaked into the next call: [%s]", dialsOf(second))
+	}
+}
+
+func TestGetUpstreamsErrors(t *testing.T) {
+	t.Run("no ready endpoints", func(t *testing.T) {
+		srv := dnstest.Start(t, "")
+		h := &Headless{Service: "backend.bbs:http", Resolvers: []string{srv.Addr}}
+		provision(t, h)
+		defer h.Cleanup()
+		_, err := getUpstreams(t, h)
+		if err == nil || !strings.Contains(err.Error(), "backend.bbs.svc.cluster.local:http") || !strings.Contains(err.Error(), srv.Addr) {
+			t.Fatalf("err = %v; want one naming the service and the DNS server", err)
+		}
+	})
+	t.Run("first resolution bounded by dial_timeout", func(t *testing.T) {
+		pc, _ := net.ListenPacket("udp", "127.0.0.1:0") // never answers
+		defer pc.Close()
+		h := &Headless{Service: "app.bbs:8080", Resolvers: []string{pc.LocalAddr().String()}, DialTimeout: caddy.Duration(100 * time.Millisecond)}
+		provision(t, h)
+		defer h.Cleanup()
+		start := time.Now()
+		_, err := getUpstreams(t, h)
+		if err == nil || !strings.Contains(err.Error(), "app.bbs.svc.cluster.local:8080") {
+			t.Fatalf("err = %v; want an error naming the service", err)
+		}
+		if d := time.Since(start); d > 2*time.Second {
+			t.Fatalf("the first request waited %s with dial_timeout 100ms", d)
+		}
+	})
+}
+
+func TestProvisionRejectsBadConfig(t *testing.T) {
+	for _, tc := range []struct {
+		h    Headless
+		want string
+	}{
+		{Headless{}, "service is required"},
+		{Headless{Service: "app"}, "missing port"},
+		{Headless{Service: "app:99999"}, "1-65535"},
+		{Headless{Service: "app:8080", Resolvers: []string{"10.0.0.1:abc"}}, "resolvers"},
+		{Headless{Service: "app:8080", Namespace: "Bad_NS"}, "namespace"},
+		{Headless{Service: "app:8080", RefreshMin: caddy.Duration(time.Second), RefreshMax: caddy.Duration(time.Millisecond)}, "refresh"},
+		{Headless{Service: "app:8080", Stale: -1}, "stale"},
+		{Headless{Service: "app:8080", EDNSBufferSize: 100}, "edns_buffer_size"},
+		{Headless{Service: "app:8080", Versions: &reverseproxy.IPVersions{IPv4: new(bool)}}, "versions"},
+	} {
+		t.Run(fmt.Sprintf("%+v", tc.want), func(t *testing.T) {
+			ctx, cancel := newCtx(t)
+			defer cancel()
+			h := tc.h
+			err := h.Provision(ctx)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Provision(%+v) = %v; want an error mentioning %q", tc.h, err, tc.want)
+			}
+			if h.watcher != nil {
+				t.Fatal("a watcher was started for a rejected config")
+			}
+		})
+	}
+}
