@@ -132,17 +132,27 @@ func (s *suite) startCaddyWith(t *testing.T, storage string, env []string, sites
 // client is an HTTPS client of the site: it connects to Caddy on loopback and
 // trusts only Pebble's root.
 func (s *suite) client() *http.Client {
+	return &http.Client{Timeout: 10 * time.Second, Transport: s.transport()}
+}
+
+// clientHTTP1 is client speaking HTTP/1.1 with keep-alive.
+func (s *suite) clientHTTP1() *http.Client {
+	tr := s.transport()
+	tr.ForceAttemptHTTP2 = false
+	tr.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
+	return &http.Client{Timeout: 10 * time.Second, Transport: tr}
+}
+
+func (s *suite) transport() *http.Transport {
 	addr := fmt.Sprintf("127.0.0.1:%d", s.httpsPort)
 	d := &net.Dialer{Timeout: 5 * time.Second}
-	return &http.Client{
-		Timeout: 10 * time.Second,
-		Transport: &http.Transport{
-			DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
-				return d.DialContext(ctx, network, addr)
-			},
-			TLSClientConfig:     &tls.Config{ServerName: site, RootCAs: s.pebbleRoots},
-			MaxIdleConnsPerHost: 8,
+	return &http.Transport{
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return d.DialContext(ctx, network, addr)
 		},
+		ForceAttemptHTTP2:   true,
+		TLSClientConfig:     &tls.Config{ServerName: site, RootCAs: s.pebbleRoots},
+		MaxIdleConnsPerHost: 8,
 	}
 }
 
