@@ -1,5 +1,5 @@
 # caddy-headless — see README.md
-.PHONY: build test unit lint demo demo-check check-example
+.PHONY: build test unit lint demo demo-check check-example fuzz-smoke integration
 
 build: ## Caddy with this plugin, at bin/caddy
 	./xcaddy/build.sh bin/caddy
@@ -11,7 +11,13 @@ lint:
 	@test -z "$$(gofmt -l .)" || { gofmt -l .; echo "gofmt needed"; exit 1; }
 	go vet ./...
 
-test: lint unit ## everything CI runs
+fuzz-smoke: ## every fuzz target for a short bounded time (FUZZTIME, default 20s)
+	./scripts/fuzz-smoke.sh
+
+integration: ## end-to-end: real kube-apiserver + CoreDNS + Pebble + Caddy binary + netns "VMs" (root)
+	./integration/run.sh
+
+test: lint unit check-example demo-check fuzz-smoke integration ## everything CI runs
 
 demo: ## the story on loopback: DNS stand-in, endpoints, Caddy over HTTPS; Ctrl-C stops it
 	./demo/run.sh
