@@ -43,7 +43,7 @@ for t in "${tools[@]}"; do
 	fi
 	echo "build-tools: building $t ($key) ..."
 	start=$(date +%s)
-	(cd "$dir" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "$(ldflags_of "$t")" -o "$bin/$t.tmp" "$(target_of "$t")")
+	(cd "$dir" && CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -mod=mod" go build -buildvcs=false -trimpath -ldflags "$(ldflags_of "$t")" -o "$bin/$t.tmp" "$(target_of "$t")")
 	mv "$bin/$t.tmp" "$bin/$t"
 	echo "$key" >"$bin/$t.key"
 	echo "build-tools: built $t in $(( $(date +%s) - start ))s"
