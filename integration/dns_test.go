@@ -12,7 +12,7 @@ import (
 )
 
 // TestClusterDNSAnswers checks that the real CoreDNS answers for headless
-// Services the way /work/shared/kube-dns-answers.md (the shapes the unit
+// Services the way kube-dns-answers.md, the project's notes (the shapes the unit
 // tests' in-process DNS server copies) says it does.
 func TestClusterDNSAnswers(t *testing.T) {
 	s := requireSuite(t)
