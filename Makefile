@@ -1,5 +1,5 @@
 # caddy-headless — see README.md
-.PHONY: build test unit lint demo demo-check check-example fuzz-smoke integration
+.PHONY: build test unit lint demo demo-check check-example bench fuzz-smoke integration
 
 build: ## Caddy with this plugin, at bin/caddy
 	./xcaddy/build.sh bin/caddy
@@ -27,3 +27,7 @@ demo-check: ## the demo without a terminal: requests, zone edits, followed chang
 
 check-example: ## caddy adapt + validate of Caddyfile.example with bin/caddy (built if stale)
 	./scripts/check-example.sh
+
+bench: ## drills against nginx, HAProxy and Caddy's own sources (minutes; needs wrk, nginx, haproxy); writes BENCHMARKS.md
+	./scripts/build-if-stale.sh bin/caddy
+	go run ./bench -caddy bin/caddy -out BENCHMARKS.md $(BENCH_FLAGS)
