@@ -27,6 +27,8 @@ type Config struct {
 	Stale time.Duration
 	// OnLookup, if set, is called after every lookup (for metrics).
 	OnLookup func(LookupEvent)
+	// Health, if set, turns on active health checks of the endpoints.
+	Health *HealthCheck
 }
 
 // LookupEvent describes one finished refresh.
@@ -93,6 +95,8 @@ type Watcher struct {
 
 	started  atomic.Uint64 // Seq of the newest lookup started
 	lastWarn time.Time     // owned by the run goroutine
+
+	prober *Prober // nil without health checks
 }
 
 // ErrNotResolved is returned while a Service has never been resolved.
@@ -118,9 +122,15 @@ func Start(cfg Config, logger *zap.Logger) *Watcher {
 		published: make(chan struct{}),
 	}
 	w.logger.Store(logger)
+	if cfg.Health != nil {
+		w.prober = newProber(*cfg.Health, cfg.Service, &w.logger)
+	}
 	go w.run(ctx)
 	return w
 }
+
+// Prober returns the health checks of the endpoints; nil if not configured.
+func (w *Watcher) Prober() *Prober { return w.prober }
 
 // Config returns the configuration the Watcher runs with.
 func (w *Watcher) Config() Config { return w.cfg }
@@ -140,6 +150,9 @@ func (w *Watcher) Snapshot() *Snapshot { return w.snap.Load() }
 func (w *Watcher) Stop() {
 	w.cancel()
 	<-w.done
+	if w.prober != nil {
+		w.prober.stop()
+	}
 }
 
 // Destruct stops the Watcher; it lets a caddy.UsagePool release it.
@@ -207,6 +220,10 @@ func (w *Watcher) Wait(ctx context.Context, timeout time.Duration) *Snapshot {
 }
 
 func (w *Watcher) publish(s *Snapshot) {
+	if w.prober != nil {
+		// Before the snapshot is visible, so its health view is there too.
+		w.prober.update(s)
+	}
 	w.snap.Store(s)
 	w.mu.Lock()
 	close(w.published)

@@ -1,0 +1,509 @@
+package discovery
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/url"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Nothing in Kubernetes probes an endpoint entered by hand (a VM behind a
+// Service without a selector): its EndpointSlice stays ready and DNS keeps
+// handing it out after it died. A Prober checks every endpoint a Watcher
+// discovers, on its own jittered timer, and tells requests which ones pass.
+// It lives inside the Watcher, so its state survives config reloads and is
+// shared by every handler asking the same question.
+
+// HealthCheck configures active health checks. Equal HealthChecks (hooks
+// aside) probe the same way; Key tells them apart.
+type HealthCheck struct {
+	// TCP only connects to the endpoint instead of sending an HTTP request.
+	TCP bool
+	// Method, URI and Headers make the HTTP request (GET, "/", none by default).
+	// A Host header sets the request's Host.
+	Method  string
+	URI     string
+	Headers http.Header
+	// Port, if set, is probed instead of the endpoint's own port.
+	Port uint16
+	// Status is the expected status code; a single digit means a class
+	// (2 means 2xx). 0 means 2xx.
+	Status int
+	// Body, if set, must match the response body (its first 64 KiB).
+	Body *regexp.Regexp
+	// Interval between two probes of one endpoint; Jitter shortens each wait
+	// by up to that much (default Interval/10). Timeout bounds one probe.
+	Interval, Jitter, Timeout time.Duration
+	// Passes and Fails are the consecutive results that make an endpoint
+	// healthy or unhealthy (default 1 each).
+	Passes, Fails int
+	// MaxInFlight caps the probes running at once for this Service (default 16).
+	MaxInFlight int
+	// Optimistic sends requests to a new endpoint before its first probe
+	// passes; by default it gets none until then.
+	Optimistic bool
+	// FailFast makes requests fail when no endpoint is healthy; by default
+	// they go to every discovered endpoint (fail open, "panic mode").
+	FailFast bool
+	// TLS, if set, makes the HTTP probes HTTPS with this configuration.
+	TLS *tls.Config
+	// TLSKey describes TLS for Key (a tls.Config cannot be compared).
+	TLSKey string
+
+	// OnCheck, if set, is called after every probe (for metrics); OnChange
+	// after every transition between healthy and unhealthy (for events).
+	OnCheck  func(CheckEvent)
+	OnChange func(CheckEvent)
+}
+
+// CheckEvent describes one probe of one endpoint.
+type CheckEvent struct {
+	Service  Service
+	Endpoint Endpoint
+	Passed   bool
+	Err      error
+	// State after the probe, and Changed if the probe moved it.
+	State   HealthState
+	Changed bool
+}
+
+// HealthState is what the probes say about an endpoint.
+type HealthState uint8
+
+// Health states. An endpoint is Unknown until its first probe finishes.
+const (
+	Unknown HealthState = iota
+	Healthy
+	Unhealthy
+)
+
+func (s HealthState) String() string {
+	switch s {
+	case Healthy:
+		return "healthy"
+	case Unhealthy:
+		return "unhealthy"
+	}
+	return "unknown"
+}
+
+// Defaults of HealthCheck, as for Caddy's own active health checks.
+const (
+	DefaultHealthInterval    = 30 * time.Second
+	DefaultHealthTimeout     = 5 * time.Second
+	DefaultHealthMaxInFlight = 16
+	maxHealthBody            = 64 << 10
+)
+
+// withDefaults fills the zero fields.
+func (c HealthCheck) withDefaults() HealthCheck {
+	if c.Method == "" {
+		c.Method = http.MethodGet
+	}
+	if c.URI == "" {
+		c.URI = "/"
+	}
+	if c.Interval <= 0 {
+		c.Interval = DefaultHealthInterval
+	}
+	if c.Jitter <= 0 {
+		c.Jitter = c.Interval / 10
+	}
+	c.Jitter = min(c.Jitter, c.Interval)
+	if c.Timeout <= 0 {
+		c.Timeout = DefaultHealthTimeout
+	}
+	c.Passes, c.Fails = max(c.Passes, 1), max(c.Fails, 1)
+	if c.MaxInFlight <= 0 {
+		c.MaxInFlight = DefaultHealthMaxInFlight
+	}
+	return c
+}
+
+// Key identifies how endpoints are probed: watchers whose keys differ must not
+// share probe results.
+func (c HealthCheck) Key() string {
+	c = c.withDefaults()
+	body := ""
+	if c.Body != nil {
+		body = c.Body.String()
+	}
+	var hdr []string
+	for k, vs := range c.Headers {
+		hdr = append(hdr, k+"="+strings.Join(vs, ","))
+	}
+	slices.Sort(hdr)
+	return fmt.Sprintf("tcp=%t %s %q port=%d status=%d body=%q headers=%q every=%s~%s timeout=%s passes=%d fails=%d inflight=%d optimistic=%t failfast=%t tls=%q",
+		c.TCP, c.Method, c.URI, c.Port, c.Status, body, hdr, c.Interval, c.Jitter, c.Timeout, c.Passes, c.Fails,
+		c.MaxInFlight, c.Optimistic, c.FailFast, c.TLSKey)
+}
+
+// EndpointHealth is the probes' view of one endpoint.
+type EndpointHealth struct {
+	Endpoint Endpoint
+	State    HealthState
+	// Passes and Fails count the consecutive results so far.
+	Passes, Fails int
+	// LastCheck is when the last probe finished; LastError its error, nil if it passed.
+	LastCheck time.Time
+	LastError error
+	// Since is when State last changed (or the endpoint was discovered).
+	Since time.Time
+}
+
+// HealthView is an immutable summary of the probes, published whenever a
+// state changes or DNS answers.
+type HealthView struct {
+	// Seq is the Snapshot.Seq the view was computed for.
+	Seq uint64
+	// Eligible are the endpoints requests may go to, sorted: the healthy ones
+	// (and Unknown ones when optimistic). Empty when none is.
+	Eligible []Endpoint
+	eligible map[string]bool
+	// Panic is set while endpoints are discovered but none is eligible.
+	Panic bool
+	// FailFast is the configured behaviour in panic.
+	FailFast bool
+}
+
+// IsEligible reports whether requests may go to the endpoint dialed at dial.
+func (v *HealthView) IsEligible(dial string) bool { return v.eligible[dial] }
+
+// Prober runs the health checks of one Watcher's endpoints.
+type Prober struct {
+	cfg    HealthCheck
+	svc    Service
+	logger *atomic.Pointer[zap.Logger]
+	client *http.Client
+	dialer net.Dialer
+	slots  chan struct{}
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	view atomic.Pointer[HealthView]
+
+	mu      sync.Mutex
+	seq     uint64
+	members []Endpoint // the discovered endpoints, sorted
+	states  map[string]*probeState
+	panic   bool
+	stopped bool
+}
+
+// probeState is one endpoint's state; a pointer that identifies the endpoint's
+// presence: a probe finishing for a removed (or re-added) endpoint is ignored.
+type probeState struct {
+	EndpointHealth
+	timer *time.Timer
+}
+
+func newProber(cfg HealthCheck, svc Service, logger *atomic.Pointer[zap.Logger]) *Prober {
+	cfg = cfg.withDefaults()
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &Prober{
+		cfg: cfg, svc: svc, logger: logger,
+		slots:  make(chan struct{}, cfg.MaxInFlight),
+		ctx:    ctx,
+		cancel: cancel,
+		states: map[string]*probeState{},
+	}
+	p.dialer.Timeout = cfg.Timeout
+	if !cfg.TCP {
+		p.client = &http.Client{
+			Transport: &http.Transport{
+				DialContext:         p.dialer.DialContext,
+				TLSClientConfig:     cfg.TLS,
+				TLSHandshakeTimeout: cfg.Timeout,
+				DisableKeepAlives:   true, // every probe connects, as a new request would
+				DisableCompression:  true,
+			},
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+			Timeout:       cfg.Timeout,
+		}
+	}
+	p.view.Store(&HealthView{FailFast: cfg.FailFast})
+	return p
+}
+
+// Config returns the health check configuration, defaults filled in.
+func (p *Prober) Config() HealthCheck { return p.cfg }
+
+// View returns the current summary; never nil.
+func (p *Prober) View() *HealthView { return p.view.Load() }
+
+// Endpoints returns the state of every discovered endpoint, sorted.
+func (p *Prober) Endpoints() []EndpointHealth {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]EndpointHealth, 0, len(p.members))
+	for _, e := range p.members {
+		out = append(out, p.states[e.Dial].EndpointHealth)
+	}
+	return out
+}
+
+// Health returns the state of the endpoint dialed at dial, and whether it is known.
+func (p *Prober) Health(dial string) (EndpointHealth, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	st, ok := p.states[dial]
+	if !ok {
+		return EndpointHealth{}, false
+	}
+	return st.EndpointHealth, true
+}
+
+// update follows a new snapshot: endpoints that appeared are probed at once,
+// those that left DNS are forgotten (a reused IP starts fresh).
+func (p *Prober) update(s *Snapshot) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.stopped {
+		return
+	}
+	now := time.Now()
+	keep := make(map[string]bool, len(s.Endpoints))
+	for _, e := range s.Endpoints {
+		keep[e.Dial] = true
+		if _, ok := p.states[e.Dial]; ok {
+			continue
+		}
+		st := &probeState{EndpointHealth: EndpointHealth{Endpoint: e, Since: now}}
+		p.states[e.Dial] = st
+		st.timer = time.AfterFunc(0, func() { p.probe(st) })
+	}
+	for dial, st := range p.states {
+		if !keep[dial] {
+			st.timer.Stop()
+			delete(p.states, dial)
+		}
+	}
+	p.members = s.Endpoints
+	p.seq = s.Seq
+	p.publishLocked()
+}
+
+// publishLocked computes and stores the view; p.mu is held.
+func (p *Prober) publishLocked() {
+	v := &HealthView{Seq: p.seq, FailFast: p.cfg.FailFast, eligible: make(map[string]bool, len(p.members))}
+	unhealthy := 0
+	for _, e := range p.members {
+		st := p.states[e.Dial]
+		if st.State == Healthy || st.State == Unknown && p.cfg.Optimistic {
+			v.Eligible = append(v.Eligible, e)
+			v.eligible[e.Dial] = true
+		}
+		if st.State == Unhealthy {
+			unhealthy++
+		}
+	}
+	v.Panic = len(v.Eligible) == 0 && len(p.members) > 0
+	p.view.Store(v)
+	// Log entering panic only once a probe failed: at start every endpoint is
+	// Unknown for the blink of its first probe.
+	switch log := p.logger.Load(); {
+	case v.Panic && !p.panic && unhealthy > 0:
+		consequence := "failing open: sending requests to all discovered endpoints"
+		if p.cfg.FailFast {
+			consequence = "failing fast: requests will fail until one passes"
+		}
+		log.Warn("no endpoint passes health checks; "+consequence,
+			zap.String("service", p.svc.String()), zap.Int("endpoints", len(p.members)), zap.Int("unhealthy", unhealthy))
+		p.panic = true
+	case !v.Panic && p.panic:
+		log.Info("endpoints pass health checks again", zap.String("service", p.svc.String()),
+			zap.Int("healthy", len(v.Eligible)), zap.Int("endpoints", len(p.members)))
+		p.panic = false
+	case len(p.members) == 0:
+		p.panic = false
+	}
+}
+
+// probe checks one endpoint, records the result and schedules the next probe.
+func (p *Prober) probe(st *probeState) {
+	// Add under the lock that stop takes before it waits: no probe starts
+	// after stop began waiting.
+	p.mu.Lock()
+	if p.stopped {
+		p.mu.Unlock()
+		return
+	}
+	p.wg.Add(1)
+	p.mu.Unlock()
+	defer p.wg.Done()
+	select {
+	case p.slots <- struct{}{}:
+	case <-p.ctx.Done():
+		return
+	}
+	err := p.check(st.Endpoint)
+	<-p.slots
+
+	p.mu.Lock()
+	if p.stopped || p.states[st.Endpoint.Dial] != st {
+		p.mu.Unlock() // the endpoint left DNS meanwhile: forget the result
+		return
+	}
+	now := time.Now()
+	prev := st.State
+	st.LastCheck, st.LastError = now, err
+	if err == nil {
+		st.Passes++
+		st.Fails = 0
+		if prev == Unhealthy && st.Passes >= p.cfg.Passes || prev == Unknown {
+			st.State = Healthy
+		}
+	} else {
+		st.Fails++
+		st.Passes = 0
+		// A new endpoint fails at its first probe unless it gets traffic
+		// meanwhile (optimistic): then it takes `fails` like a healthy one.
+		if prev == Healthy && st.Fails >= p.cfg.Fails || prev == Unknown && (!p.cfg.Optimistic || st.Fails >= p.cfg.Fails) {
+			st.State = Unhealthy
+		}
+	}
+	changed := st.State != prev
+	if changed {
+		st.Since = now
+		p.publishLocked()
+	}
+	st.timer.Reset(p.cfg.Interval - time.Duration(rand.Int64N(int64(p.cfg.Jitter)+1)))
+	ev := CheckEvent{Service: p.svc, Endpoint: st.Endpoint, Passed: err == nil, Err: err, State: st.State, Changed: changed}
+	p.mu.Unlock()
+
+	if changed {
+		p.logChange(ev, prev)
+	}
+	if p.cfg.OnCheck != nil {
+		p.cfg.OnCheck(ev)
+	}
+	if changed && p.cfg.OnChange != nil && (prev != Unknown || ev.State == Unhealthy) {
+		p.cfg.OnChange(ev)
+	}
+}
+
+func (p *Prober) logChange(ev CheckEvent, prev HealthState) {
+	log := p.logger.Load()
+	fields := []zap.Field{zap.String("service", p.svc.String()), zap.String("endpoint", ev.Endpoint.Dial),
+		zap.String("from", prev.String()), zap.String("to", ev.State.String())}
+	switch {
+	case ev.State == Unhealthy:
+		log.Warn("endpoint failed health checks; no requests go to it until it passes", append(fields, zap.Error(ev.Err))...)
+	case prev == Unknown:
+		log.Debug("endpoint passed its first health check", fields...)
+	default:
+		log.Info("endpoint passes health checks again", fields...)
+	}
+}
+
+// check runs one probe.
+func (p *Prober) check(e Endpoint) error {
+	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.Timeout)
+	defer cancel()
+	port := e.Port
+	if p.cfg.Port != 0 {
+		port = p.cfg.Port
+	}
+	addr := net.JoinHostPort(e.IP.String(), strconv.Itoa(int(port)))
+	if p.cfg.TCP {
+		conn, err := p.dialer.DialContext(ctx, "tcp", addr)
+		if err != nil {
+			return err
+		}
+		return conn.Close()
+	}
+	scheme := "http"
+	if p.cfg.TLS != nil {
+		scheme = "https"
+	}
+	u, err := url.Parse(scheme + "://" + addr + p.cfg.URI)
+	if err != nil {
+		return err
+	}
+	req, err := http.NewRequestWithContext(ctx, p.cfg.Method, u.String(), nil)
+	if err != nil {
+		return err
+	}
+	for k, vs := range p.cfg.Headers {
+		if http.CanonicalHeaderKey(k) == "Host" && len(vs) > 0 {
+			req.Host = vs[0]
+			continue
+		}
+		req.Header[http.CanonicalHeaderKey(k)] = vs
+	}
+	req.Header.Set("User-Agent", "caddy-headless health check")
+	resp, err := p.client.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if !statusMatches(p.cfg.Status, resp.StatusCode) {
+		io.Copy(io.Discard, io.LimitReader(resp.Body, maxHealthBody))
+		return fmt.Errorf("status %d, want %s", resp.StatusCode, statusText(p.cfg.Status))
+	}
+	if p.cfg.Body != nil {
+		body, err := io.ReadAll(io.LimitReader(resp.Body, maxHealthBody))
+		if err != nil {
+			return fmt.Errorf("reading body: %w", err)
+		}
+		if !p.cfg.Body.Match(body) {
+			return fmt.Errorf("body does not match %q", p.cfg.Body.String())
+		}
+	}
+	return nil
+}
+
+func statusMatches(want, got int) bool {
+	switch {
+	case want == 0:
+		return got >= 200 && got < 300
+	case want < 10:
+		return got/100 == want
+	}
+	return got == want
+}
+
+func statusText(want int) string {
+	switch {
+	case want == 0:
+		return "2xx"
+	case want < 10:
+		return strconv.Itoa(want) + "xx"
+	}
+	return strconv.Itoa(want)
+}
+
+// stop ends every timer and waits for the probes in flight.
+func (p *Prober) stop() {
+	p.mu.Lock()
+	p.stopped = true
+	for _, st := range p.states {
+		st.timer.Stop()
+	}
+	p.mu.Unlock()
+	p.cancel()
+	p.wg.Wait()
+	if p.client != nil {
+		p.client.CloseIdleConnections()
+	}
+}
+
+// ErrNoneHealthy is wrapped by the error requests get when no endpoint passes
+// health checks and fail_fast is set.
+var ErrNoneHealthy = errors.New("no endpoint passes health checks")
