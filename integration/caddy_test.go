@@ -84,8 +84,8 @@ func (s *suite) startCaddyWith(t *testing.T, storage string, env []string, sites
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir := filepath.Join(s.dir, "caddy-"+strings.ReplaceAll(t.Name(), "/", "_"))
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	dir, err := os.MkdirTemp(s.dir, "caddy-"+strings.ReplaceAll(t.Name(), "/", "_")+"-")
+	if err != nil {
 		t.Fatal(err)
 	}
 	cf := filepath.Join(dir, "Caddyfile")
@@ -133,14 +133,6 @@ func (s *suite) startCaddyWith(t *testing.T, storage string, env []string, sites
 // trusts only Pebble's root.
 func (s *suite) client() *http.Client {
 	return &http.Client{Timeout: 10 * time.Second, Transport: s.transport()}
-}
-
-// clientHTTP1 is client speaking HTTP/1.1 with keep-alive.
-func (s *suite) clientHTTP1() *http.Client {
-	tr := s.transport()
-	tr.ForceAttemptHTTP2 = false
-	tr.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
-	return &http.Client{Timeout: 10 * time.Second, Transport: tr}
 }
 
 func (s *suite) transport() *http.Transport {
@@ -215,13 +207,22 @@ type load struct {
 	total, failed int
 	errs          []string
 	perVM         map[string]int
-	mu            sync.Mutex
-	stop          chan struct{}
-	wg            sync.WaitGroup
+	// retryConnErrors makes a request that failed without an HTTP answer
+	// (the connection to Caddy closed) be sent once more, as a browser
+	// does; retried counts those, and the retry must succeed.
+	retryConnErrors bool
+	retried         []string
+	mu              sync.Mutex
+	stop            chan struct{}
+	wg              sync.WaitGroup
 }
 
 func (s *suite) startLoad(c *http.Client, path string, workers int) *load {
-	l := &load{stop: make(chan struct{}), perVM: map[string]int{}}
+	return s.startLoadRetry(c, path, workers, false)
+}
+
+func (s *suite) startLoadRetry(c *http.Client, path string, workers int, retryConnErrors bool) *load {
+	l := &load{stop: make(chan struct{}), perVM: map[string]int{}, retryConnErrors: retryConnErrors}
 	for range workers {
 		l.wg.Add(1)
 		go func() {
@@ -233,6 +234,12 @@ func (s *suite) startLoad(c *http.Client, path string, workers int) *load {
 				default:
 				}
 				r, err := s.get(c, path)
+				if err != nil && l.retryConnErrors {
+					l.mu.Lock()
+					l.retried = append(l.retried, fmt.Sprintf("%s: %v", time.Now().Format("15:04:05.000"), err))
+					l.mu.Unlock()
+					r, err = s.get(c, path)
+				}
 				l.mu.Lock()
 				l.total++
 				switch {
@@ -259,6 +266,9 @@ func (l *load) end(t *testing.T, what string) {
 	close(l.stop)
 	l.wg.Wait()
 	t.Logf("%s: %d requests, %d failed, per VM %v", what, l.total, l.failed, l.perVM)
+	if len(l.retried) > 0 {
+		t.Logf("%s: %d requests sent again after the connection to Caddy closed without an answer:\n%s", what, len(l.retried), strings.Join(l.retried, "\n"))
+	}
 	if l.total == 0 {
 		t.Fatalf("%s: no requests were sent", what)
 	}

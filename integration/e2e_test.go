@@ -525,13 +525,7 @@ func TestReload(t *testing.T) {
 		return fmt.Sprintf("\theader X-Config-Generation %d\n%s", gen, proxy("", "app.reload:8080", extra, "transport http {\n\t\t\tkeepalive 2s\n\t\t}"))
 	}
 	c := s.startCaddy(t, body(0))
-	// HTTP/1.1 with keep-alive. With HTTP/2, one request in about 250
-	// reloads failed with EOF on the client's connection to Caddy (not an
-	// error status) while Caddy shut the replaced server down: Go's HTTP/2
-	// client does not retry when a connection closes under a request. An
-	// HTTP/1.1 client retries an idempotent request on a kept-alive
-	// connection the server closed, as browsers do.
-	cl := s.clientHTTP1()
+	cl := s.client()
 	assertSet(t, s.spread(t, cl, "/", 20), "vm1", "vm2")
 
 	// Baseline: after the same steady traffic the reloads run under, with
@@ -544,7 +538,17 @@ func TestReload(t *testing.T) {
 
 	changed := func() int { return len(c.logLines("endpoints changed", "app.reload")) }
 	before := changed()
-	l := s.startLoad(cl, "/", 2)
+	// Now and then, at the moment Caddy replaces its server, a request gets
+	// no HTTP answer at all: the connection closes (EOF). That is Caddy's
+	// own server handover, not the upstream source: on Linux each config
+	// binds its own SO_REUSEPORT socket, and connections still queued on
+	// the old one when it closes are reset. With static upstreams instead
+	// of this plugin the same loop shows the same EOFs (3 runs of 10,
+	// against 2 of 10 with the plugin, 1-2 requests each). Such a request
+	// is sent once more, as a browser does, and must then succeed; every
+	// answer Caddy does give must be a 200 from a VM (an upstream error,
+	// 502 or 503, fails the test).
+	l := s.startLoadRetry(cl, "/", 2, true)
 	for gen := 1; gen <= reloads; gen++ {
 		if err := c.load(body(gen)); err != nil {
 			l.end(t, "reloads")
@@ -561,7 +565,9 @@ func TestReload(t *testing.T) {
 	l.end(t, fmt.Sprintf("%d reloads via POST /load", reloads))
 	t.Logf("endpoint-change log lines for app.reload: %d before the reloads, %d after", before, changed())
 
-	r, err := s.get(cl, "/")
+	// A new connection: one that a replaced server accepted just before
+	// it stopped can stay with that server while it is kept busy.
+	r, err := s.get(s.client(), "/")
 	if err != nil {
 		t.Fatal(err)
 	}
