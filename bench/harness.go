@@ -47,6 +47,8 @@ type harness struct {
 	endpoints map[string]*endpoint
 	proxies   []*proxy
 	nextPort  int
+	head      map[string]map[string]string // headline row → column → value
+	headRows  []string
 }
 
 func newHarness(caddyBin string, quick bool) (*harness, error) {
@@ -396,6 +398,7 @@ func (p *proxy) reload(body string) error {
 	req, _ := http.NewRequest("POST", "http://"+p.admin+"/load", strings.NewReader(caddyfile(listen, p.admin, body)))
 	req.Header.Set("Content-Type", "text/caddyfile")
 	req.Header.Set("Cache-Control", "must-revalidate")
+	req.Close = true // a fresh admin connection each time: a reload may close kept-alive ones
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return err

@@ -29,6 +29,7 @@ func (s sample) ok() bool { return s.status == 200 }
 // load sends GET requests at a fixed rate whatever the answers take (open
 // loop, so a stalled proxy shows as latency rather than as fewer requests).
 type load struct {
+	client  *http.Client
 	start   time.Time
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup
@@ -40,7 +41,6 @@ type load struct {
 // startLoad sends rate requests/s to the URLs in turn until stopped.
 func startLoad(urls []string, rate int) *load {
 	ctx, cancel := context.WithCancel(context.Background())
-	l := &load{start: time.Now(), cancel: cancel}
 	client := &http.Client{
 		Timeout: 30 * time.Second,
 		Transport: &http.Transport{
@@ -48,6 +48,7 @@ func startLoad(urls []string, rate int) *load {
 			DisableCompression: true,
 		},
 	}
+	l := &load{client: client, start: time.Now(), cancel: cancel}
 	slots := make(chan struct{}, 8192)
 	interval := time.Second / time.Duration(rate)
 	l.wg.Add(1)
@@ -104,10 +105,12 @@ func startLoad(urls []string, rate int) *load {
 // elapsed is the time since the load started.
 func (l *load) elapsed() time.Duration { return time.Since(l.start) }
 
-// stop stops sending and waits for the requests in flight.
+// stop stops sending, waits for the requests in flight and closes the
+// client's kept-alive connections.
 func (l *load) stop() []sample {
 	l.cancel()
 	l.wg.Wait()
+	l.client.CloseIdleConnections()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	sort.Slice(l.samples, func(i, j int) bool { return l.samples[i].at < l.samples[j].at })

@@ -92,6 +92,7 @@ func main() {
 		h.close()
 		log.Fatal("interrupted; nothing written")
 	}
+	fmt.Println("## Summary\n\n" + h.headlineTable())
 	report := h.report(sections, time.Since(started), os.Args[1:])
 	if *out != "" {
 		if err := os.WriteFile(*out, []byte(report), 0o644); err != nil {

@@ -57,6 +57,57 @@ func (s *section) markdown() string {
 	return b.String()
 }
 
+// Headline columns.
+const (
+	colOurs    = "Caddy + `headless_proxy` (ours)"
+	colStatic  = "Caddy, static upstreams"
+	colA       = "Caddy, `dynamic a` (refresh 1s)"
+	colNginx   = "nginx 1.22"
+	colHAProxy = "HAProxy 2.6"
+)
+
+var headCols = []string{colOurs, colStatic, colA, colNginx, colHAProxy}
+
+// headline records one cell of the summary table (the first value wins).
+func (h *harness) headline(row, col, val string) {
+	if col == "" {
+		return
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.head == nil {
+		h.head = map[string]map[string]string{}
+	}
+	if h.head[row] == nil {
+		h.head[row] = map[string]string{}
+		h.headRows = append(h.headRows, row)
+	}
+	if _, ok := h.head[row][col]; !ok {
+		h.head[row][col] = val
+	}
+}
+
+// headlineTable is the summary of the drills that ran, one row per drill.
+func (h *harness) headlineTable() string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	t := &table{header: append([]string{""}, headCols...)}
+	for _, r := range h.headRows {
+		cells := []any{r}
+		for _, c := range headCols {
+			v := h.head[r][c]
+			if v == "" {
+				v = "—"
+			}
+			cells = append(cells, v)
+		}
+		t.add(cells...)
+	}
+	sec := &section{tables: []*table{t}}
+	md := sec.markdown()
+	return md[strings.Index(md, "|"):]
+}
+
 // report is the whole of BENCHMARKS.md.
 func (h *harness) report(sections []*section, took time.Duration, args []string) string {
 	var b strings.Builder
@@ -98,6 +149,9 @@ Nothing here is a pass/fail test.
 		runtime.NumCPU(), cpuModel(), strings.TrimSpace(string(kernel)), runtime.Version(),
 		caddyVersion, versionOf("nginx", "-v"), versionOf("haproxy", "-v"), versionOf("wrk", "--version"),
 		zoneTTL, dnsAddr, epPort, host, runtime.NumCPU())
+	b.WriteString("## Summary\n\nThe headline of each drill (details, and the variants left out here, in its section below).\n\n")
+	b.WriteString(h.headlineTable())
+	b.WriteString("\n")
 	for _, s := range sections {
 		b.WriteString(s.markdown())
 		b.WriteString("\n")
