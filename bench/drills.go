@@ -166,7 +166,7 @@ func drillThroughput(ctx context.Context, h *harness) (*section, error) {
 			return nil, err
 		}
 	}
-	rounds, d := 3, 6*time.Second
+	rounds, d := 5, 4*time.Second
 	if h.quick {
 		rounds, d = 1, time.Second
 	}
@@ -736,8 +736,8 @@ func drillReload(ctx context.Context, h *harness) (*section, error) {
 		reloads = 10
 	}
 	const rate = 300
-	t := &table{header: []string{"config", "reloads OK", "reload time p50 / max", "requests", "errors",
-		"goroutines before → after", "RSS before → after"}}
+	t := &table{header: []string{"config", "reloads OK", "reload time p50 / max", "requests", "errors: HTTP status ≠ 200",
+		"errors: connection closed or reset", "goroutines before → after", "RSS before → after"}}
 	for _, v := range variants {
 		p, err := h.startCaddy(ctx, v.name, v.body, "/")
 		if err != nil {
@@ -784,13 +784,13 @@ func drillReload(ctx context.Context, h *harness) (*section, error) {
 		if lastErr != nil {
 			okS += " (" + lastErr.Error() + ")"
 		}
-		errS := fmt.Sprint(sm.errors)
-		if sm.errors > 0 {
+		errS := fmt.Sprint(sm.errors - sm.httpErrors)
+		if sm.errors > sm.httpErrors {
 			errS += " (" + sm.kindList() + ")"
 		}
-		h.headline(fmt.Sprintf("%d config reloads under load: failed requests, goroutines before → after", reloads), col(v.name),
-			fmt.Sprintf("%d, %d → %d", sm.errors, before.goroutines, after.goroutines))
-		t.add(v.name, okS, ms(quantile(took, 0.5))+" / "+ms(quantile(took, 1)), sm.n, errS,
+		h.headline(fmt.Sprintf("%d config reloads under load: error answers; connections Caddy closed under a request", reloads), col(v.name),
+			fmt.Sprintf("%d; %d of %d", sm.httpErrors, sm.errors-sm.httpErrors, sm.n))
+		t.add(v.name, okS, ms(quantile(took, 0.5))+" / "+ms(quantile(took, 1)), sm.n, sm.httpErrors, errS,
 			fmt.Sprintf("%d → %d", before.goroutines, after.goroutines),
 			fmt.Sprintf("%s → %s", mib(before.rssMiB), mib(after.rssMiB)))
 	}
@@ -803,9 +803,10 @@ func drillReload(ctx context.Context, h *harness) (*section, error) {
 		notes: []string{"Ours shares watchers between configs through a `caddy.UsagePool`, so each reload takes over " +
 			"the running watcher (no new lookup, no cold start) and the old config's release does not stop it. " +
 			"The Go client (HTTP/1.1, keep-alive) retries on its own when a kept-alive connection of a replaced " +
-			"server closes under a request, as browsers do; what remains as errors (`EOF`, `connection reset`) are " +
-			"connections Caddy accepted on a server it was already shutting down, which happens with any upstream " +
-			"source (compare the static baseline). Goroutines after the storm include the idle upstream connections " +
+			"server closes under a request, as browsers do; what remains as transport errors (`EOF`, `connection " +
+			"reset`) are client connections Caddy itself closes or resets while handing its listener over to the new " +
+			"server (SO_REUSEPORT), with any upstream source (compare the static baseline); an HTTP status other " +
+			"than 200 would mean the proxy had no upstreams for a moment. Goroutines after the storm include the idle upstream connections " +
 			"of the replaced configs' transports, which live until their keep-alive timeout (120 s here) in every variant."},
 	}, nil
 }

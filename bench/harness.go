@@ -37,10 +37,11 @@ func epAddr(i int) string { return fmt.Sprintf("127.0.6.%d:%s", i, epPort) }
 // harness owns everything a drill starts: the DNS stand-in, the endpoints and
 // the proxies; stopAll ends what a drill left running.
 type harness struct {
-	dir   string
-	caddy string
-	quick bool
-	dns   *dnstest.Server
+	dir    string
+	caddy  string
+	source string // what caddy was built from
+	quick  bool
+	dns    *dnstest.Server
 
 	mu        sync.Mutex
 	zone      map[string][]string // name → A addresses (IPs)

@@ -131,6 +131,7 @@ func window(ss []sample, from, to time.Duration) []sample {
 // summary of a set of samples.
 type summary struct {
 	n, errors     int
+	httpErrors    int // answers other than 200; the rest of errors are transport errors
 	p50, p99, max time.Duration
 	kinds         map[string]int
 }
@@ -142,6 +143,9 @@ func summarize(ss []sample) summary {
 		lat = append(lat, s.took)
 		if !s.ok() {
 			sm.errors++
+			if s.status != 0 {
+				sm.httpErrors++
+			}
 			sm.kinds[errKind(s.err)]++
 		}
 	}

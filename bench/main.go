@@ -51,6 +51,7 @@ func main() {
 	out := flag.String("out", "BENCHMARKS.md", "report to write (\"\" for stdout only)")
 	only := flag.String("drills", "all", "comma-separated drills: "+drillKeys())
 	quick := flag.Bool("quick", false, "short runs, to try the harness (numbers are not comparable)")
+	source := flag.String("source", "", "what -caddy was built from, for the report (default: this checkout's commit, and whether it had uncommitted changes)")
 	flag.Parse()
 
 	want := map[string]bool{}
@@ -63,6 +64,10 @@ func main() {
 	h, err := newHarness(*caddyBin, *quick)
 	if err != nil {
 		log.Fatal(err)
+	}
+	h.source = *source
+	if h.source == "" {
+		h.source = "this checkout at " + versionOf("git", "describe", "--always", "--dirty")
 	}
 	defer h.close()
 

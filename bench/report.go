@@ -111,7 +111,7 @@ func (h *harness) headlineTable() string {
 // report is the whole of BENCHMARKS.md.
 func (h *harness) report(sections []*section, took time.Duration, args []string) string {
 	var b strings.Builder
-	caddyVersion := versionOf(h.caddy, "version")
+	caddyVersion, _, _ := strings.Cut(versionOf(h.caddy, "version"), " ")
 	cmd := "make bench"
 	if len(args) > 0 {
 		cmd = "go run ./bench " + strings.Join(args, " ")
@@ -129,7 +129,7 @@ Run on %s; the whole run took %s.
 | CPU | %d cores (%s) |
 | kernel | Linux %s |
 | Go | %s |
-| Caddy | %s, built by `+"`make build`"+` with this plugin (the same binary runs `+"`headless_proxy`"+`, static upstreams and `+"`dynamic a`"+`) |
+| Caddy | %s with this plugin, built from %s (the same binary runs `+"`headless_proxy`"+`, static upstreams and `+"`dynamic a`"+`) |
 | nginx | %s |
 | HAProxy | %s |
 | wrk | %s |
@@ -147,7 +147,7 @@ Nothing here is a pass/fail test.
 
 `, cmd, time.Now().UTC().Format("2006-01-02 15:04 UTC"), took.Round(time.Second),
 		runtime.NumCPU(), cpuModel(), strings.TrimSpace(string(kernel)), runtime.Version(),
-		caddyVersion, versionOf("nginx", "-v"), versionOf("haproxy", "-v"), versionOf("wrk", "--version"),
+		caddyVersion, h.source, versionOf("nginx", "-v"), versionOf("haproxy", "-v"), versionOf("wrk", "--version"),
 		zoneTTL, dnsAddr, epPort, host, runtime.NumCPU())
 	b.WriteString("## Summary\n\nThe headline of each drill (details, and the variants left out here, in its section below).\n\n")
 	b.WriteString(h.headlineTable())
