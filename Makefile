@@ -10,6 +10,7 @@ unit: ## the plugin's own tests (race detector on)
 lint:
 	@test -z "$$(gofmt -l .)" || { gofmt -l .; echo "gofmt needed"; exit 1; }
 	go vet ./...
+	cd integration && go vet ./...
 
 fuzz-smoke: ## every fuzz target for a short bounded time (FUZZTIME, default 20s)
 	./scripts/fuzz-smoke.sh
