@@ -71,8 +71,11 @@ type WatcherStatus struct {
 	// the endpoints of an earlier answer are kept) or "failing" (lookups fail
 	// and there are no endpoints).
 	Status string `json:"status"`
-	// Endpoints are the addresses requests are sent to, sorted.
+	// Endpoints are the addresses DNS returned, sorted. Without health checks
+	// requests are sent to all of them.
 	Endpoints []EndpointStatus `json:"endpoints"`
+	// HealthChecks is present when the endpoints are probed (`health_*` options).
+	HealthChecks *HealthStatus `json:"health_checks,omitempty"`
 	// Outcome of the last lookup (see discovery.Outcomes); empty while pending.
 	Outcome string `json:"outcome,omitempty"`
 	// Server is the DNS server that gave the last definitive answer.
@@ -110,6 +113,23 @@ type EndpointStatus struct {
 	// Target is the SRV target the address belongs to (absolute name); absent
 	// for A/AAAA Services.
 	Target string `json:"target,omitempty"`
+	// Health is what the health checks say: "healthy", "unhealthy" or
+	// "unknown" (not probed yet); absent without health checks.
+	Health string `json:"health,omitempty"`
+	// LastCheck is when the last probe finished; LastError its error, absent
+	// if it passed.
+	LastCheck time.Time `json:"last_check,omitzero"`
+	LastError string    `json:"last_error,omitempty"`
+}
+
+// HealthStatus sums up the health checks of a watcher's endpoints.
+type HealthStatus struct {
+	// Healthy counts the endpoints requests may go to: those passing (and,
+	// with optimistic, those not probed yet).
+	Healthy int `json:"healthy"`
+	// Panic is true while endpoints are discovered but none passes: requests
+	// then go to all of them, or fail with fail_fast.
+	Panic bool `json:"panic"`
 }
 
 func (a adminHeadless) serve(w http.ResponseWriter, r *http.Request) error {
@@ -255,8 +275,25 @@ func statusOf(w *discovery.Watcher, users int) WatcherStatus {
 	if s == nil {
 		return st
 	}
+	p := w.Prober()
+	var view *discovery.HealthView
+	if p != nil {
+		view = p.View()
+		st.HealthChecks = &HealthStatus{Panic: view.Panic}
+	}
 	for _, e := range s.Endpoints {
-		st.Endpoints = append(st.Endpoints, EndpointStatus{Address: e.Dial, IP: e.IP.String(), Port: e.Port, Target: e.Target})
+		es := EndpointStatus{Address: e.Dial, IP: e.IP.String(), Port: e.Port, Target: e.Target}
+		if p != nil {
+			h, _ := p.Health(e.Dial)
+			es.Health, es.LastCheck = h.State.String(), h.LastCheck
+			if h.LastError != nil {
+				es.LastError = h.LastError.Error()
+			}
+			if view.IsEligible(e.Dial) {
+				st.HealthChecks.Healthy++
+			}
+		}
+		st.Endpoints = append(st.Endpoints, es)
 	}
 	st.Outcome = string(s.Outcome)
 	st.Server = s.Server

@@ -487,11 +487,11 @@ func TestObservabilityDocumented(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, section, ok := strings.Cut(string(readme), "<!-- section: observability (issue 5) -->")
+	_, section, ok := strings.Cut(string(readme), "\n## Observability\n")
 	if !ok {
-		t.Fatal("README.md has no observability section")
+		t.Fatal("README.md has no observability section (## Observability)")
 	}
-	section, _, _ = strings.Cut(section, "<!-- section:")
+	section, _, _ = strings.Cut(section, "\n## ")
 	var names []string
 	for _, typ := range []reflect.Type{reflect.TypeFor[WatcherStatus](), reflect.TypeFor[EndpointStatus]()} {
 		for f := range typ.Fields() {

@@ -1,7 +1,10 @@
 package caddymodule
 
 import (
+	"net/http"
+	"regexp"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -22,6 +25,27 @@ import (
 //	    versions         ipv4|ipv6 ...
 //	    dial_timeout     <duration>
 //	    edns_buffer_size <bytes>
+//
+//	    # active health checks (any health_* option turns them on)
+//	    health_uri       <uri>
+//	    health_mode      http|tcp
+//	    health_port      <port>
+//	    health_method    <method>
+//	    health_headers   { <field> [<values...>] }
+//	    health_interval  <duration>
+//	    health_jitter    <duration>
+//	    health_timeout   <duration>
+//	    health_passes    <n>
+//	    health_fails     <n>
+//	    health_status    <code>|<class, e.g. 2xx>
+//	    health_body      <regexp>
+//	    health_max_in_flight <n>
+//	    health_optimistic
+//	    health_fail_fast
+//	    health_tls
+//	    health_tls_server_name <name>
+//	    health_tls_insecure_skip_verify
+//	    health_tls_ca    <pem file>
 //	}
 func (h *Headless) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume the source name
@@ -157,9 +181,145 @@ func (h *Headless) UnmarshalOption(d *caddyfile.Dispenser) (bool, error) {
 		}
 		h.EDNSBufferSize = n
 	default:
+		if strings.HasPrefix(d.Val(), "health_") {
+			return h.unmarshalHealth(d)
+		}
 		return false, nil
 	}
 	return true, nil
+}
+
+// unmarshalHealth parses one health_* option.
+func (h *Headless) unmarshalHealth(d *caddyfile.Dispenser) (bool, error) {
+	opt := d.Val()
+	fresh := h.HealthChecks == nil
+	if fresh {
+		h.HealthChecks = new(HealthChecks)
+	}
+	hc := h.HealthChecks
+	// one returns the option's single argument.
+	one := func() (string, error) {
+		if !d.NextArg() {
+			return "", d.Errf("headless: %s takes one argument", opt)
+		}
+		v := d.Val()
+		if d.NextArg() {
+			return "", d.Errf("headless: %s takes one argument, got extra %q", opt, d.Val())
+		}
+		return v, nil
+	}
+	none := func() error {
+		if d.NextArg() {
+			return d.Errf("headless: %s takes no argument, got %q", opt, d.Val())
+		}
+		return nil
+	}
+	number := func(lo, hi int) (int, error) {
+		v, err := one()
+		if err != nil {
+			return 0, err
+		}
+		n, err := strconv.Atoi(v)
+		if err != nil || n < lo || n > hi {
+			return 0, d.Errf("headless: %s takes a number in %d-%d, got %q", opt, lo, hi, v)
+		}
+		return n, nil
+	}
+	duration := func() (caddy.Duration, error) {
+		v, err := one()
+		if err != nil {
+			return 0, err
+		}
+		dur, err := parseDuration(d, opt, v)
+		if err == nil && dur == 0 {
+			err = d.Errf("headless: %s must be positive", opt)
+		}
+		return dur, err
+	}
+	tlsConf := func() *HealthTLS {
+		if hc.TLS == nil {
+			hc.TLS = new(HealthTLS)
+		}
+		return hc.TLS
+	}
+	var err error
+	switch opt {
+	case "health_uri":
+		if hc.URI, err = one(); err == nil && !strings.HasPrefix(hc.URI, "/") {
+			err = d.Errf("headless: health_uri %q must start with /", hc.URI)
+		}
+	case "health_mode":
+		if hc.Mode, err = one(); err == nil && hc.Mode != "http" && hc.Mode != "tcp" {
+			err = d.Errf("headless: health_mode %q: use http or tcp", hc.Mode)
+		}
+	case "health_port":
+		hc.Port, err = number(1, 65535)
+	case "health_method":
+		hc.Method, err = one()
+	case "health_headers":
+		if err = none(); err != nil {
+			return true, err
+		}
+		if hc.Headers == nil {
+			hc.Headers = http.Header{}
+		}
+		for nesting := d.Nesting(); d.NextBlock(nesting); {
+			field := d.Val()
+			hc.Headers[field] = append(hc.Headers[field], d.RemainingArgs()...)
+		}
+	case "health_interval":
+		hc.Interval, err = duration()
+	case "health_jitter":
+		hc.Jitter, err = duration()
+	case "health_timeout":
+		hc.Timeout, err = duration()
+	case "health_passes":
+		hc.Passes, err = number(1, 1000)
+	case "health_fails":
+		hc.Fails, err = number(1, 1000)
+	case "health_max_in_flight":
+		hc.MaxInFlight, err = number(1, 10000)
+	case "health_status":
+		var v string
+		if v, err = one(); err != nil {
+			break
+		}
+		num := v
+		if len(v) == 3 && strings.HasSuffix(v, "xx") {
+			num = v[:1]
+		}
+		n, cerr := strconv.Atoi(num)
+		if cerr != nil || !(n >= 1 && n <= 5 && num != v || n >= 100 && n <= 599) {
+			err = d.Errf("headless: health_status %q: use a code (200) or a class (2xx)", v)
+		}
+		hc.ExpectStatus = n
+	case "health_body":
+		if hc.ExpectBody, err = one(); err == nil {
+			if _, rerr := regexp.Compile(hc.ExpectBody); rerr != nil {
+				err = d.Errf("headless: health_body: %v", rerr)
+			}
+		}
+	case "health_optimistic":
+		err, hc.Optimistic = none(), true
+	case "health_fail_fast":
+		err, hc.FailFast = none(), true
+	case "health_tls":
+		err = none()
+		tlsConf()
+	case "health_tls_server_name":
+		tlsConf().ServerName, err = one()
+	case "health_tls_insecure_skip_verify":
+		err = none()
+		tlsConf().InsecureSkipVerify = true
+	case "health_tls_ca":
+		tlsConf().CA, err = one()
+	default:
+		if fresh {
+			h.HealthChecks = nil
+		}
+		return false, nil
+	}
+	return true, err
 }
 
 func parseDuration(d *caddyfile.Dispenser, field, s string) (caddy.Duration, error) {

@@ -33,6 +33,7 @@ func init() {
 //	    versions         ipv4|ipv6 ...
 //	    dial_timeout     <duration>
 //	    edns_buffer_size <bytes>
+//	    health_*         ...   (active health checks, see `dynamic headless`)
 //
 //	    # and every reverse_proxy subdirective except `to` and `dynamic`
 //	    lb_policy ...
@@ -83,30 +84,39 @@ func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, er
 		if d.Nesting() != 1 || d.Val() == "}" {
 			continue
 		}
-		switch v := d.Val(); {
-		case v == "to" || v == "dynamic":
+		switch v := d.Val(); v {
+		case "to", "dynamic":
 			return nil, d.Errf("headless_proxy: %q is not allowed here: the upstreams are the services named after headless_proxy (use reverse_proxy for other upstreams, or name more services)", v)
-		case strings.HasPrefix(v, "health_"):
-			// Caddy runs active health checks on static upstreams only: the
-			// check would be accepted and silently never run.
-			return nil, d.Errf("headless_proxy: %s: active health checks do not run on dynamic upstreams; unready endpoints already leave cluster DNS (Kubernetes readiness probes), and max_fails/fail_duration check passively", v)
 		}
-		opt, n := d.Val(), d.CountRemainingArgs()
-		known, err := opts.UnmarshalOption(d)
+		// Take the whole option, its block included (health_headers has one),
+		// and parse it on its own.
+		opt := d.Val()
+		seg := d.NextSegment()
+		sub := caddyfile.NewDispenser(seg)
+		sub.Next()
+		known, err := opts.UnmarshalOption(sub)
 		if err != nil {
 			return nil, err
 		}
 		if !known {
-			d.RemainingArgs() // reverse_proxy's; a block it opens is skipped by nesting
-			continue
+			if strings.HasPrefix(opt, "health_") {
+				// Caddy runs its own active health checks on static upstreams
+				// only: handed to reverse_proxy, this would silently do nothing.
+				return nil, d.Errf("headless_proxy: %s: not an option of the headless source's health checks, and reverse_proxy's own never run on dynamic upstreams (see the README's health checks section)", opt)
+			}
+			continue // reverse_proxy's
 		}
-		if d.NextArg() {
-			return nil, d.Errf("headless_proxy: %s: unexpected argument %q", opt, d.Val())
+		if sub.Next() {
+			if sub.Val() == "{" {
+				return nil, sub.Errf("headless_proxy: %s takes no block", opt)
+			}
+			return nil, sub.Errf("headless_proxy: %s: unexpected argument %q", opt, sub.Val())
 		}
-		if blockFollows(d) {
-			return nil, d.Errf("headless_proxy: %s takes no block", opt)
-		}
-		d.DeleteN(n + 1)
+		d.DeleteN(len(seg))
+	}
+	if opts.HealthChecks != nil && scheme == "https" && opts.HealthChecks.Mode != "tcp" && opts.HealthChecks.TLS == nil {
+		// The upstreams speak HTTPS: so do the probes.
+		opts.HealthChecks.TLS = new(HealthTLS)
 	}
 
 	// Hand reverse_proxy the directive without the service references. If a
@@ -181,16 +191,4 @@ func schemeOf(s string) string {
 		return "no scheme"
 	}
 	return s + "://"
-}
-
-// blockFollows reports whether a block opens on the current line, after the
-// current token, without moving the cursor.
-func blockFollows(d *caddyfile.Dispenser) bool {
-	file, line := d.File(), d.Line()
-	if !d.Next() {
-		return false
-	}
-	open := d.Val() == "{" && d.File() == file && d.Line() == line
-	d.Prev()
-	return open
 }

@@ -79,6 +79,11 @@ type Headless struct {
 	// than this come back truncated and are asked again over TCP. Default: 1232.
 	EDNSBufferSize int `json:"edns_buffer_size,omitempty"`
 
+	// Active health checks of the endpoints: when set, requests go only to the
+	// endpoints that pass (or to all of them when none does, unless fail_fast).
+	// Default: none, every endpoint DNS returns gets requests.
+	HealthChecks *HealthChecks `json:"health_checks,omitempty"`
+
 	key     string
 	watcher *discovery.Watcher
 	timeout time.Duration
@@ -110,7 +115,11 @@ func (h *Headless) Provision(ctx caddy.Context) error {
 	h.timeout = cfg.Resolver.Timeout
 	h.key = watcherKey(cfg)
 	val, _, err := watchers.LoadOrNew(h.key, func() (caddy.Destructor, error) {
-		cfg.OnLookup = lookupStatsFor(h.key).observe
+		stats := lookupStatsFor(h.key)
+		cfg.OnLookup = stats.observe
+		if cfg.Health != nil {
+			cfg.Health.OnCheck = stats.observeCheck
+		}
 		return discovery.Start(cfg, ctx.Logger()), nil
 	})
 	if err != nil {
@@ -168,6 +177,11 @@ func (h *Headless) config() (discovery.Config, error) {
 		RefreshMax: time.Duration(h.RefreshMax),
 		Stale:      time.Duration(h.Stale),
 	}
+	if h.HealthChecks != nil {
+		if cfg.Health, err = h.HealthChecks.check(h.Service); err != nil {
+			return cfg, err
+		}
+	}
 	if v := h.Versions; v != nil && (v.IPv4 != nil || v.IPv6 != nil) {
 		cfg.IPv4 = v.IPv4 != nil && *v.IPv4
 		cfg.IPv6 = v.IPv6 != nil && *v.IPv6
@@ -195,9 +209,14 @@ func (h *Headless) config() (discovery.Config, error) {
 
 // watcherKey identifies a question and how it is asked: equal keys share a watcher.
 func watcherKey(c discovery.Config) string {
-	return fmt.Sprintf("%s port=%d v4=%t v6=%t servers=%s timeout=%s udp=%d refresh=%s-%s stale=%s",
+	key := fmt.Sprintf("%s port=%d v4=%t v6=%t servers=%s timeout=%s udp=%d refresh=%s-%s stale=%s",
 		c.Service.QName(), c.Service.Port, c.IPv4, c.IPv6, strings.Join(c.Resolver.Servers, ","),
 		c.Resolver.Timeout, c.Resolver.UDPSize, c.RefreshMin, c.RefreshMax, c.Stale)
+	if c.Health != nil {
+		// Health state is shared only by handlers that probe the same way.
+		key += " health: " + c.Health.Key()
+	}
+	return key
 }
 
 // GetUpstreams returns the current endpoints as fresh upstreams (Caddy writes
@@ -211,17 +230,48 @@ func (h *Headless) GetUpstreams(r *http.Request) ([]*reverseproxy.Upstream, erro
 			return nil, fmt.Errorf("service %s: %w within %s", h.watcher.Config().Service, discovery.ErrNotResolved, h.timeout)
 		}
 	}
-	n := len(s.Endpoints)
-	if n == 0 {
+	if len(s.Endpoints) == 0 {
 		return nil, s.Unavailable
 	}
-	block := make([]reverseproxy.Upstream, n)
-	ups := make([]*reverseproxy.Upstream, n)
+	eps := s.Endpoints
+	if p := h.watcher.Prober(); p != nil {
+		var err error
+		if eps, err = eligibleEndpoints(s, p.View()); err != nil {
+			return nil, err
+		}
+	}
+	block := make([]reverseproxy.Upstream, len(eps))
+	ups := make([]*reverseproxy.Upstream, len(eps))
 	for i := range block {
-		block[i].Dial = s.Endpoints[i].Dial
+		block[i].Dial = eps[i].Dial
 		ups[i] = &block[i]
 	}
 	return ups, nil
+}
+
+// eligibleEndpoints are the endpoints of s that requests may go to: those
+// that pass health checks; if none does, all of them (fail open) or an error
+// (fail fast).
+func eligibleEndpoints(s *discovery.Snapshot, v *discovery.HealthView) ([]discovery.Endpoint, error) {
+	eps := v.Eligible
+	if v.Seq != s.Seq {
+		// DNS answered again since the view was made (a moment ago): filter
+		// this snapshot by the view, so no endpoint that left DNS is handed out.
+		eps = nil
+		for _, e := range s.Endpoints {
+			if v.IsEligible(e.Dial) {
+				eps = append(eps, e)
+			}
+		}
+	}
+	switch {
+	case len(eps) > 0:
+		return eps, nil
+	case v.FailFast:
+		return nil, fmt.Errorf("service %s: none of its %d endpoints passes health checks (fail_fast is set): %w; GET /headless/ shows each one's last error",
+			s.Service, len(s.Endpoints), discovery.ErrNoneHealthy)
+	}
+	return s.Endpoints, nil
 }
 
 // ResetCache is called by reverse_proxy before retrying a failed request. It

@@ -61,9 +61,28 @@ var (
 		[]string{"service"}, nil)
 )
 
+// Health check metrics, exported for the services that have health checks.
+var (
+	descChecks = prometheus.NewDesc("caddy_headless_health_checks_total",
+		"Active health checks of a headless Service's endpoints, by result (pass, fail).",
+		[]string{"service", "result"}, nil)
+	descTransitions = prometheus.NewDesc("caddy_headless_health_transitions_total",
+		"Endpoints that became healthy or unhealthy (to), first checks of new endpoints included.",
+		[]string{"service", "to"}, nil)
+	descHealthy = prometheus.NewDesc("caddy_headless_healthy_endpoints",
+		"Discovered endpoints that requests may go to: those passing health checks (and, if optimistic, those not yet checked).",
+		[]string{"service"}, nil)
+	descPanic = prometheus.NewDesc("caddy_headless_health_panic",
+		"1 while endpoints are discovered but none passes health checks (requests go to all of them, or fail with fail_fast), else 0.",
+		[]string{"service"}, nil)
+)
+
+// healthDescs are exported only for the services with health checks.
+var healthDescs = []*prometheus.Desc{descChecks, descTransitions, descHealthy, descPanic}
+
 // allDescs are the metrics a serviceCollector exports.
-var allDescs = []*prometheus.Desc{descLookups, descQueries, descTruncated, descDropped,
-	descDuration, descEndpoints, descSinceSuccess, descStale}
+var allDescs = append([]*prometheus.Desc{descLookups, descQueries, descTruncated, descDropped,
+	descDuration, descEndpoints, descSinceSuccess, descStale}, healthDescs...)
 
 // outcomeIndex maps each discovery.Outcome to its slot in lookupStats.outcomes.
 var outcomeIndex = func() map[discovery.Outcome]int {
@@ -84,6 +103,26 @@ type lookupStats struct {
 	buckets                     []uint64 // by durationBuckets, not cumulative; the last is +Inf
 	count                       uint64
 	sum                         float64 // seconds
+
+	// Health checks, fed by the prober's OnCheck hook.
+	passes, fails, toHealthy, toUnhealthy uint64
+}
+
+// observeCheck is the prober's OnCheck hook.
+func (s *lookupStats) observeCheck(ev discovery.CheckEvent) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if ev.Passed {
+		s.passes++
+	} else {
+		s.fails++
+	}
+	switch {
+	case ev.Changed && ev.State == discovery.Healthy:
+		s.toHealthy++
+	case ev.Changed && ev.State == discovery.Unhealthy:
+		s.toUnhealthy++
+	}
 }
 
 func newLookupStats() *lookupStats {
@@ -202,6 +241,11 @@ type serviceSeries struct {
 	sinceSuccess float64 // -1 until one of the watchers has had an answer
 	stale        bool
 	watchers     int
+
+	health                                bool // one of the watchers has health checks
+	passes, fails, toHealthy, toUnhealthy uint64
+	healthy                               int // fewest among the watchers with health checks
+	panic                                 bool
 }
 
 // Collect implements prometheus.Collector.
@@ -256,6 +300,19 @@ func (c *serviceCollector) Collect(ch chan<- prometheus.Metric) {
 			stale = 1
 		}
 		ch <- prometheus.MustNewConstMetric(descStale, prometheus.GaugeValue, stale, label)
+		if !s.health {
+			continue
+		}
+		ch <- prometheus.MustNewConstMetric(descChecks, prometheus.CounterValue, float64(s.passes), label, "pass")
+		ch <- prometheus.MustNewConstMetric(descChecks, prometheus.CounterValue, float64(s.fails), label, "fail")
+		ch <- prometheus.MustNewConstMetric(descTransitions, prometheus.CounterValue, float64(s.toHealthy), label, "healthy")
+		ch <- prometheus.MustNewConstMetric(descTransitions, prometheus.CounterValue, float64(s.toUnhealthy), label, "unhealthy")
+		ch <- prometheus.MustNewConstMetric(descHealthy, prometheus.GaugeValue, float64(s.healthy), label)
+		panic := 0.0
+		if s.panic {
+			panic = 1
+		}
+		ch <- prometheus.MustNewConstMetric(descPanic, prometheus.GaugeValue, panic, label)
 	}
 }
 
@@ -273,7 +330,20 @@ func (s *serviceSeries) add(m member, now time.Time) {
 	s.dropped += st.dropped
 	s.count += st.count
 	s.sum += st.sum
+	s.passes += st.passes
+	s.fails += st.fails
+	s.toHealthy += st.toHealthy
+	s.toUnhealthy += st.toUnhealthy
 	st.mu.Unlock()
+
+	if p := m.watcher.Prober(); p != nil {
+		v := p.View()
+		if !s.health || len(v.Eligible) < s.healthy {
+			s.healthy = len(v.Eligible)
+		}
+		s.panic = s.panic || v.Panic
+		s.health = true
+	}
 
 	snap := m.watcher.Snapshot()
 	n, since, stale := 0, -1.0, false

@@ -64,8 +64,9 @@ type HealthCheck struct {
 	// TLSKey describes TLS for Key (a tls.Config cannot be compared).
 	TLSKey string
 
-	// OnCheck, if set, is called after every probe (for metrics); OnChange
-	// after every transition between healthy and unhealthy (for events).
+	// OnCheck, if set, is called after every probe (for metrics), with the
+	// Prober's lock held: it must be quick and not call the Prober. OnChange
+	// is called after every transition between healthy and unhealthy (for events).
 	OnCheck  func(CheckEvent)
 	OnChange func(CheckEvent)
 }
@@ -302,23 +303,26 @@ func (p *Prober) update(s *Snapshot) {
 // publishLocked computes and stores the view; p.mu is held.
 func (p *Prober) publishLocked() {
 	v := &HealthView{Seq: p.seq, FailFast: p.cfg.FailFast, eligible: make(map[string]bool, len(p.members))}
-	unhealthy := 0
+	unhealthy, unknown := 0, 0
 	for _, e := range p.members {
 		st := p.states[e.Dial]
 		if st.State == Healthy || st.State == Unknown && p.cfg.Optimistic {
 			v.Eligible = append(v.Eligible, e)
 			v.eligible[e.Dial] = true
 		}
-		if st.State == Unhealthy {
+		switch st.State {
+		case Unhealthy:
 			unhealthy++
+		case Unknown:
+			unknown++
 		}
 	}
 	v.Panic = len(v.Eligible) == 0 && len(p.members) > 0
 	p.view.Store(v)
-	// Log entering panic only once a probe failed: at start every endpoint is
-	// Unknown for the blink of its first probe.
+	// Log entering panic only once every endpoint failed: at start they are
+	// Unknown for the blink of their first probe.
 	switch log := p.logger.Load(); {
-	case v.Panic && !p.panic && unhealthy > 0:
+	case v.Panic && !p.panic && unhealthy > 0 && unknown == 0:
 		consequence := "failing open: sending requests to all discovered endpoints"
 		if p.cfg.FailFast {
 			consequence = "failing fast: requests will fail until one passes"
@@ -379,19 +383,20 @@ func (p *Prober) probe(st *probeState) {
 		}
 	}
 	changed := st.State != prev
+	ev := CheckEvent{Service: p.svc, Endpoint: st.Endpoint, Passed: err == nil, Err: err, State: st.State, Changed: changed}
 	if changed {
 		st.Since = now
 		p.publishLocked()
 	}
+	if p.cfg.OnCheck != nil {
+		// Under the lock: events come in the order of the probes.
+		p.cfg.OnCheck(ev)
+	}
 	st.timer.Reset(p.cfg.Interval - time.Duration(rand.Int64N(int64(p.cfg.Jitter)+1)))
-	ev := CheckEvent{Service: p.svc, Endpoint: st.Endpoint, Passed: err == nil, Err: err, State: st.State, Changed: changed}
 	p.mu.Unlock()
 
 	if changed {
 		p.logChange(ev, prev)
-	}
-	if p.cfg.OnCheck != nil {
-		p.cfg.OnCheck(ev)
 	}
 	if changed && p.cfg.OnChange != nil && (prev != Unknown || ev.State == Unhealthy) {
 		p.cfg.OnChange(ev)

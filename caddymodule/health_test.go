@@ -1,0 +1,283 @@
+package caddymodule
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
+	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+)
+
+// healthBackend is an HTTP server on loopback answering its health checks
+// with a settable status.
+type healthBackend struct {
+	srv    *httptest.Server
+	status atomic.Int64
+	dial   string
+}
+
+func newHealthBackend(t *testing.T) *healthBackend {
+	b := &healthBackend{}
+	b.status.Store(200)
+	b.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(int(b.status.Load()))
+	}))
+	t.Cleanup(b.srv.Close)
+	b.dial = b.srv.Listener.Addr().String()
+	return b
+}
+
+// srvZone lists the backends as the SRV records of app.bbs:http.
+func srvZone(t *testing.T, backends ...*healthBackend) string {
+	var z strings.Builder
+	for _, b := range backends {
+		ap := netip.MustParseAddrPort(b.dial)
+		fmt.Fprintf(&z, "_http._tcp.app.bbs.svc.cluster.local. 5 IN SRV 0 50 %d vm.app.bbs.svc.cluster.local.\n", ap.Port())
+	}
+	z.WriteString("vm.app.bbs.svc.cluster.local. 5 IN A 127.0.0.1\n")
+	return z.String()
+}
+
+func healthSource(srv *dnstest.Server, hc HealthChecks) *Headless {
+	if hc.Interval == 0 {
+		hc.Interval = caddy.Duration(10 * time.Millisecond)
+	}
+	return &Headless{Service: "app.bbs:http", Resolvers: []string{srv.Addr}, Versions: ipv4Only(), HealthChecks: &hc}
+}
+
+// eventually polls cond until it holds, for at most 30s.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("not within 30s: %s", what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func upstreamsAre(t *testing.T, h *Headless, want string) func() bool {
+	return func() bool {
+		ups, err := getUpstreams(t, h)
+		return err == nil && dialsOf(ups) == want
+	}
+}
+
+func sortedDials(bs ...*healthBackend) string {
+	var s []string
+	for _, b := range bs {
+		s = append(s, b.dial)
+	}
+	ups := strings.Join(s, " ")
+	if len(s) == 2 && s[0] > s[1] {
+		ups = s[1] + " " + s[0]
+	}
+	return ups
+}
+
+// Only endpoints that pass get requests; when none does, all of them do (fail
+// open) unless fail_fast is set.
+func TestHealthGetUpstreams(t *testing.T) {
+	for _, failFast := range []bool{false, true} {
+		t.Run(fmt.Sprintf("fail_fast=%t", failFast), func(t *testing.T) {
+			good, bad := newHealthBackend(t), newHealthBackend(t)
+			bad.status.Store(500)
+			srv := dnstest.Start(t, srvZone(t, good, bad))
+			h := healthSource(srv, HealthChecks{FailFast: failFast})
+			provision(t, h)
+			t.Cleanup(func() { h.Cleanup() })
+
+			eventually(t, "only the good backend", upstreamsAre(t, h, good.dial))
+			eventually(t, "the bad backend probed", func() bool {
+				st, ok := h.watcher.Prober().Health(bad.dial)
+				return ok && st.State == discovery.Unhealthy
+			})
+			st := statusOf(h.watcher, 1)
+			if st.HealthChecks == nil || st.HealthChecks.Healthy != 1 || st.HealthChecks.Panic || len(st.Endpoints) != 2 {
+				t.Fatalf("status: %+v", st)
+			}
+			for _, e := range st.Endpoints {
+				if e.Address == bad.dial && (e.Health != "unhealthy" || !strings.Contains(e.LastError, "status 500") || e.LastCheck.IsZero()) {
+					t.Fatalf("bad endpoint status: %+v", e)
+				}
+				if e.Address == good.dial && (e.Health != "healthy" || e.LastError != "") {
+					t.Fatalf("good endpoint status: %+v", e)
+				}
+			}
+
+			good.status.Store(503)
+			eventually(t, "panic", func() bool { return h.watcher.Prober().View().Panic })
+			ups, err := getUpstreams(t, h)
+			switch {
+			case failFast && (err == nil || !errors.Is(err, discovery.ErrNoneHealthy) || !strings.Contains(err.Error(), "app.bbs")):
+				t.Fatalf("fail fast: %s, %v", dialsOf(ups), err)
+			case !failFast && (err != nil || dialsOf(ups) != sortedDials(good, bad)):
+				t.Fatalf("fail open: [%s], %v; want both", dialsOf(ups), err)
+			}
+			if st := statusOf(h.watcher, 1); !st.HealthChecks.Panic || st.HealthChecks.Healthy != 0 {
+				t.Fatalf("status in panic: %+v", st)
+			}
+
+			bad.status.Store(200)
+			eventually(t, "the other backend back", upstreamsAre(t, h, bad.dial))
+		})
+	}
+}
+
+// Health state lives with the shared watcher: a reload (a new source with the
+// same checks) finds the endpoints already checked; other checks get their
+// own watcher; an endpoint that leaves DNS is forgotten.
+func TestHealthSharedAcrossReload(t *testing.T) {
+	good, bad := newHealthBackend(t), newHealthBackend(t)
+	bad.status.Store(500)
+	srv := dnstest.Start(t, srvZone(t, good, bad))
+	old := healthSource(srv, HealthChecks{Fails: 2})
+	provision(t, old)
+	eventually(t, "only the good backend", upstreamsAre(t, old, good.dial))
+
+	// The new config provisions before the old one is cleaned up.
+	reloaded := healthSource(srv, HealthChecks{Fails: 2})
+	provision(t, reloaded)
+	if reloaded.watcher != old.watcher || users(old.key) != 2 {
+		t.Fatalf("reload got another watcher (users %d)", users(old.key))
+	}
+	if err := old.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	// At once, without waiting for a probe: the state was kept.
+	if ups, err := getUpstreams(t, reloaded); err != nil || dialsOf(ups) != good.dial {
+		t.Fatalf("after reload: [%s], %v", dialsOf(ups), err)
+	}
+
+	other := healthSource(srv, HealthChecks{Fails: 3})
+	provision(t, other)
+	t.Cleanup(func() { other.Cleanup() })
+	if other.watcher == reloaded.watcher {
+		t.Fatal("different health checks share a watcher")
+	}
+	plain := &Headless{Service: "app.bbs:http", Resolvers: []string{srv.Addr}, Versions: ipv4Only()}
+	provision(t, plain)
+	t.Cleanup(func() { plain.Cleanup() })
+	if plain.watcher.Prober() != nil {
+		t.Fatal("a source without health checks got a prober")
+	}
+	if ups, err := getUpstreams(t, plain); err != nil || dialsOf(ups) != sortedDials(good, bad) {
+		t.Fatalf("without health checks: [%s], %v; want both", dialsOf(ups), err)
+	}
+
+	// The bad endpoint leaves DNS: its state goes with it.
+	srv.MustSet(t, srvZone(t, good))
+	if _, err := reloaded.watcher.RefreshNow(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := reloaded.watcher.Prober().Health(bad.dial); ok {
+		t.Fatal("health state kept for an endpoint that left DNS")
+	}
+	if ups, err := getUpstreams(t, reloaded); err != nil || dialsOf(ups) != good.dial {
+		t.Fatalf("after the bad one left: [%s], %v", dialsOf(ups), err)
+	}
+	if err := reloaded.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestHealthConfigErrors(t *testing.T) {
+	cases := []struct {
+		hc  HealthChecks
+		err string
+	}{
+		{HealthChecks{Mode: "udp"}, `mode "udp"`},
+		{HealthChecks{Mode: "tcp", URI: "/x"}, "mode tcp only connects"},
+		{HealthChecks{URI: "healthz"}, "must start with /"},
+		{HealthChecks{ExpectStatus: 42}, "expect_status 42"},
+		{HealthChecks{ExpectBody: "("}, "expect_body"},
+		{HealthChecks{Port: 70000}, "port 70000"},
+		{HealthChecks{TLS: &HealthTLS{CA: "/nonexistent/ca.pem"}}, "tls ca"},
+	}
+	for _, c := range cases {
+		h := &Headless{Service: "app.bbs:8080", Resolvers: []string{"127.0.0.1"}, HealthChecks: &c.hc}
+		if _, err := h.config(); err == nil || !strings.Contains(err.Error(), c.err) || !strings.Contains(err.Error(), "app.bbs:8080") {
+			t.Errorf("%+v: %v, want %q", c.hc, err, c.err)
+		}
+	}
+}
+
+// The health metrics: checks by result, transitions, healthy endpoints, panic;
+// promlint-clean.
+func TestHealthMetrics(t *testing.T) {
+	good, bad := newHealthBackend(t), newHealthBackend(t)
+	bad.status.Store(500)
+	srv := dnstest.Start(t, srvZone(t, good, bad))
+	h := healthSource(srv, HealthChecks{Passes: 3})
+	ctx := newTestContext(t)
+	if err := h.Provision(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Cleanup() })
+	eventually(t, "only the good backend", upstreamsAre(t, h, good.dial))
+
+	gather := func() map[string]float64 {
+		families, err := ctx.GetMetricsRegistry().Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		families = slices.DeleteFunc(families, func(f *dto.MetricFamily) bool {
+			return !strings.HasPrefix(f.GetName(), "caddy_headless_")
+		})
+		if len(families) != len(allDescs) {
+			t.Errorf("%d caddy_headless_ families, want %d", len(families), len(allDescs))
+		}
+		problems, err := promlint.NewWithMetricFamilies(families).Lint()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range problems {
+			t.Errorf("%s: %s", p.Metric, p.Text)
+		}
+		out := map[string]float64{}
+		for _, f := range families {
+			for _, m := range f.GetMetric() {
+				name := f.GetName()
+				for _, l := range m.GetLabel() {
+					if l.GetName() != "service" {
+						name += "/" + l.GetValue()
+					}
+				}
+				out[name] = m.GetCounter().GetValue() + m.GetGauge().GetValue()
+			}
+		}
+		return out
+	}
+	// The counters follow the state a moment later (the hook runs after the
+	// state is published).
+	var m map[string]float64
+	eventually(t, "metrics of one good, one bad endpoint", func() bool {
+		m = gather()
+		return m["caddy_headless_healthy_endpoints"] == 1 && m["caddy_headless_health_panic"] == 0 &&
+			m["caddy_headless_health_checks_total/fail"] >= 1 && m["caddy_headless_health_checks_total/pass"] >= 1 &&
+			m["caddy_headless_health_transitions_total/unhealthy"] == 1 && m["caddy_headless_health_transitions_total/healthy"] == 1
+	})
+	good.status.Store(500)
+	eventually(t, "metrics in panic", func() bool {
+		m = gather()
+		return m["caddy_headless_health_panic"] == 1 && m["caddy_headless_healthy_endpoints"] == 0 &&
+			m["caddy_headless_health_transitions_total/unhealthy"] == 2
+	})
+	if m["caddy_headless_health_transitions_total/unhealthy"] != 2 || m["caddy_headless_health_transitions_total/healthy"] != 1 {
+		t.Fatalf("transitions: %v", m)
+	}
+}
