@@ -260,10 +260,10 @@ func (h *Headless) unmarshalHealth(d *caddyfile.Dispenser) (bool, error) {
 		if err = none(); err != nil {
 			return true, err
 		}
-		if hc.Headers == nil {
-			hc.Headers = http.Header{}
-		}
 		for nesting := d.Nesting(); d.NextBlock(nesting); {
+			if hc.Headers == nil {
+				hc.Headers = http.Header{} // only when non-empty: JSON omits an empty one
+			}
 			field := d.Val()
 			hc.Headers[field] = append(hc.Headers[field], d.RemainingArgs()...)
 		}

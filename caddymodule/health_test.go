@@ -2,11 +2,13 @@ package caddymodule
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"reflect"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -14,6 +16,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
 	dto "github.com/prometheus/client_model/go"
 
@@ -279,5 +282,36 @@ func TestHealthMetrics(t *testing.T) {
 	})
 	if m["caddy_headless_health_transitions_total/unhealthy"] != 2 || m["caddy_headless_health_transitions_total/healthy"] != 1 {
 		t.Fatalf("transitions: %v", m)
+	}
+}
+
+// Every health_* option parses in `dynamic headless`, and survives the JSON
+// round trip Caddy puts a module through (an empty health_headers block too).
+func TestHealthCaddyfileRoundTrip(t *testing.T) {
+	input := `headless app.bbs:http {
+		health_uri /ready
+		health_headers {
+		}
+		health_method HEAD
+		health_port 9000
+		health_status 204
+		health_tls_insecure_skip_verify
+	}`
+	tokens, err := caddyfile.Tokenize([]byte(input), "Caddyfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := new(Headless)
+	if err := h.UnmarshalCaddyfile(caddyfile.NewDispenser(tokens)); err != nil {
+		t.Fatal(err)
+	}
+	want := HealthChecks{URI: "/ready", Method: "HEAD", Port: 9000, ExpectStatus: 204, TLS: &HealthTLS{InsecureSkipVerify: true}}
+	if !reflect.DeepEqual(h.HealthChecks, &want) {
+		t.Fatalf("parsed %+v, want %+v", h.HealthChecks, want)
+	}
+	b, _ := json.Marshal(h)
+	back := new(Headless)
+	if err := json.Unmarshal(b, back); err != nil || !reflect.DeepEqual(h, back) {
+		t.Fatalf("JSON round trip: %s, %v", b, err)
 	}
 }
