@@ -114,10 +114,7 @@ func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, er
 		}
 		d.DeleteN(len(seg))
 	}
-	if opts.HealthChecks != nil && scheme == "https" && opts.HealthChecks.Mode != "tcp" && opts.HealthChecks.TLS == nil {
-		// The upstreams speak HTTPS: so do the probes.
-		opts.HealthChecks.TLS = new(HealthTLS)
-	}
+	probeTLS := opts.HealthChecks != nil && scheme == "https" && opts.HealthChecks.Mode != "tcp" && opts.HealthChecks.TLS == nil
 
 	// Hand reverse_proxy the directive without the service references. If a
 	// scheme was given, it gets one placeholder upstream with that scheme, so
@@ -142,6 +139,11 @@ func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, er
 		return nil, err
 	}
 	rp.Upstreams = nil
+	if probeTLS {
+		// The upstreams speak HTTPS: so do the probes, verifying the
+		// endpoints as the transport does.
+		opts.HealthChecks.TLS = probeTLSFrom(rp.TransportRaw)
+	}
 
 	sources := make([]json.RawMessage, len(refs))
 	for i, ref := range refs {
@@ -191,4 +193,20 @@ func schemeOf(s string) string {
 		return "no scheme"
 	}
 	return s + "://"
+}
+
+// probeTLSFrom takes the server name and verification switch of the http
+// transport's TLS settings, for HTTPS health checks.
+func probeTLSFrom(transport json.RawMessage) *HealthTLS {
+	var t struct {
+		TLS *struct {
+			ServerName         string `json:"server_name"`
+			InsecureSkipVerify bool   `json:"insecure_skip_verify"`
+		} `json:"tls"`
+	}
+	out := new(HealthTLS)
+	if json.Unmarshal(transport, &t) == nil && t.TLS != nil {
+		out.ServerName, out.InsecureSkipVerify = t.TLS.ServerName, t.TLS.InsecureSkipVerify
+	}
+	return out
 }
