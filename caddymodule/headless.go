@@ -10,6 +10,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
 
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
 )
@@ -127,6 +128,9 @@ func (h *Headless) Provision(ctx caddy.Context) error {
 	}
 	h.watcher = val.(*discovery.Watcher)
 	h.watcher.SetLogger(ctx.Logger())
+	if msg := handlerHealthWarning(ctx.Modules(), h.HealthChecks != nil); msg != "" {
+		ctx.Logger().Warn(msg, zap.String("service", h.Service))
+	}
 	return registerMetrics(ctx, h.key, h.watcher)
 }
 
@@ -293,6 +297,26 @@ func (h *Headless) Cleanup() error {
 
 // String names the source in Caddy's logs.
 func (h *Headless) String() string { return "headless " + h.Service }
+
+// handlerHealthWarning explains, if the reverse_proxy handler above this
+// source (in mods, the modules being provisioned from the root down) has
+// active health checks, that Caddy never runs them on dynamic upstreams.
+func handlerHealthWarning(mods []caddy.Module, ours bool) string {
+	for i := len(mods) - 1; i >= 0; i-- {
+		rp, ok := mods[i].(*reverseproxy.Handler)
+		if !ok {
+			continue
+		}
+		if rp.HealthChecks == nil || rp.HealthChecks.Active == nil {
+			return ""
+		}
+		if ours {
+			return "reverse_proxy's own active health checks (health_* beside dynamic) never run on dynamic upstreams; the headless source's (health_* inside its block) do"
+		}
+		return "reverse_proxy's active health checks (health_* beside dynamic) never run on dynamic upstreams: move the health_* options into the `dynamic headless` block"
+	}
+	return ""
+}
 
 func checkLabel(field, v string) error {
 	if len(v) > 63 || v == "" {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
 	dto "github.com/prometheus/client_model/go"
 
@@ -313,5 +314,29 @@ func TestHealthCaddyfileRoundTrip(t *testing.T) {
 	back := new(Headless)
 	if err := json.Unmarshal(b, back); err != nil || !reflect.DeepEqual(h, back) {
 		t.Fatalf("JSON round trip: %s, %v", b, err)
+	}
+}
+
+// Caddy's handler-level active health checks beside the source get a warning:
+// they never run on dynamic upstreams.
+func TestHandlerHealthWarning(t *testing.T) {
+	src := &Headless{Service: "app.bbs:8080"}
+	active := &reverseproxy.Handler{HealthChecks: &reverseproxy.HealthChecks{Active: &reverseproxy.ActiveHealthChecks{URI: "/healthz"}}}
+	passive := &reverseproxy.Handler{HealthChecks: &reverseproxy.HealthChecks{Passive: &reverseproxy.PassiveHealthChecks{MaxFails: 2}}}
+	multi := &reverseproxy.MultiUpstreams{}
+	cases := []struct {
+		mods []caddy.Module
+		ours bool
+		want string
+	}{
+		{[]caddy.Module{active, src}, false, "move the health_* options into the `dynamic headless` block"},
+		{[]caddy.Module{active, multi, src}, true, "the headless source's (health_* inside its block) do"},
+		{[]caddy.Module{passive, src}, false, ""},
+		{[]caddy.Module{src}, false, ""},
+	}
+	for i, c := range cases {
+		if got := handlerHealthWarning(c.mods, c.ours); c.want == "" && got != "" || !strings.Contains(got, c.want) {
+			t.Errorf("case %d: %q, want %q", i, got, c.want)
+		}
 	}
 }
