@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"os"
 	"os/exec"
@@ -334,11 +335,11 @@ func drillConvergence(ctx context.Context, h *harness) (*section, error) {
 		}},
 	}
 	limit, quiet := max(h.dur(20*time.Second), 6*time.Second), 2*time.Second
-	steps := 3
+	steps := 5
 	if h.quick {
 		steps = 1
 	}
-	t := &table{header: []string{"proxy", "first request to the new endpoint: median", "max", "last request to the removed one: median", "max", "steps", "errors"}}
+	t := &table{header: []string{"proxy", "first request to the new endpoint: median", "max", "last request to the removed one: median", "max", "steps", "DNS queries/s", "errors"}}
 	for _, tg := range targets {
 		live, spare := []*endpoint{eps[0], eps[1]}, eps[2]
 		h.setRecords(appName, addrs(live)...)
@@ -347,10 +348,13 @@ func drillConvergence(ctx context.Context, h *harness) (*section, error) {
 			return nil, err
 		}
 		l := startLoad([]string{p.url}, loadRate)
+		q0, tq0 := h.dns.Queries(), time.Now()
 		var adds, removes []time.Duration
 		addFail, removeFail := false, false
 		for step := 0; step < steps && !addFail && !removeFail; step++ {
-			if err := sleep(ctx, 2*time.Second); err != nil {
+			// A random moment, so the change does not fall at the same point
+			// of a 1s refresh cycle each time.
+			if err := sleep(ctx, 2*time.Second+rand.N(time.Second)); err != nil {
 				l.stop()
 				return nil, err
 			}
@@ -381,6 +385,7 @@ func drillConvergence(ctx context.Context, h *harness) (*section, error) {
 			addFail, removeFail = !addDone, !removeDone
 		}
 		ss := l.stop()
+		qps := float64(h.dns.Queries()-q0) / time.Since(tq0).Seconds()
 		p.stop()
 		addMed, addMax := "not within "+limit.String(), "—"
 		if !addFail {
@@ -390,13 +395,13 @@ func drillConvergence(ctx context.Context, h *harness) (*section, error) {
 		if !removeFail {
 			remMed, remMax = secs(quantile(removes, 0.5)), secs(quantile(removes, 1))
 		}
-		t.add(tg.name, addMed, addMax, remMed, remMax, max(len(adds), len(removes)), summarize(ss).errors)
+		t.add(tg.name, addMed, addMax, remMed, remMax, max(len(adds), len(removes)), fmt.Sprintf("%.1f", qps), summarize(ss).errors)
 		h.headline("Endpoint replaced in DNS: first request to the new one / last to the old one (median)", col(tg.name), addMed+" / "+remMed)
 	}
 	return &section{
 		intro: fmt.Sprintf("Two of the endpoints 127.0.6.11–13 in DNS, the third running but not in DNS; %d requests/s "+
-			"through the proxy. Then, up to %d times (2 s apart, so the change falls at a different moment of the refresh "+
-			"cycle each time), one DNS change replaces an endpoint by the spare one, as a rolling update's step does; "+
+			"through the proxy. Then, up to %d times (2–3 s apart, at a random moment, so the change falls at a different "+
+			"point of the refresh cycle each time), one DNS change replaces an endpoint by the spare one, as a rolling update's step does; "+
 			"the removed endpoint keeps running, so every request the proxy still sends it is seen. Measured by the "+
 			"endpoints themselves: from the change to the first request the new endpoint serves, and to the last "+
 			"request the removed one serves (the last before %s without any). Watched for at most %s per step; a "+
