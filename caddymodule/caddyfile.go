@@ -46,6 +46,7 @@ import (
 //	    health_tls_server_name <name>
 //	    health_tls_insecure_skip_verify
 //	    health_tls_ca    <pem file>
+//	    slow_start       <duration>
 //	}
 func (h *Headless) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume the source name
@@ -171,6 +172,17 @@ func (h *Headless) UnmarshalOption(d *caddyfile.Dispenser) (bool, error) {
 			}
 		}
 		h.Versions = v
+	case "slow_start":
+		var err error
+		if !d.NextArg() {
+			return true, d.ArgErr()
+		}
+		if h.SlowStart, err = parseDuration(d, "slow_start", d.Val()); err != nil {
+			return true, err
+		}
+		if h.SlowStart <= 0 || d.NextArg() {
+			return true, d.Errf("headless: slow_start takes one positive duration")
+		}
 	case "edns_buffer_size":
 		if !d.NextArg() {
 			return true, d.ArgErr()

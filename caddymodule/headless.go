@@ -4,6 +4,7 @@ package caddymodule
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"strings"
 	"time"
@@ -85,6 +86,14 @@ type Headless struct {
 	// Default: none, every endpoint DNS returns gets requests.
 	HealthChecks *HealthChecks `json:"health_checks,omitempty"`
 
+	// Ramp a newly healthy endpoint's share of requests up over this long
+	// (from a tenth of its share to all of it), instead of jumping to 1/N: an
+	// endpoint back from failure, or added after start, is not flooded while
+	// its caches are cold. Needs health checks; not for the hashing and cookie
+	// lb_policy choices (they must keep each client on its endpoint). Not at
+	// start, nor while only one endpoint is healthy. Default: 0, off.
+	SlowStart caddy.Duration `json:"slow_start,omitempty"`
+
 	key     string
 	watcher *discovery.Watcher
 	timeout time.Duration
@@ -128,6 +137,9 @@ func (h *Headless) Provision(ctx caddy.Context) error {
 	}
 	h.watcher = val.(*discovery.Watcher)
 	h.watcher.SetLogger(ctx.Logger())
+	if err := checkSlowStartPolicy(ctx.Modules(), h.SlowStart); err != nil {
+		return fmt.Errorf("headless %s: %w", h.Service, err)
+	}
 	if msg := handlerHealthWarning(ctx.Modules(), h.HealthChecks != nil); msg != "" {
 		ctx.Logger().Warn(msg, zap.String("service", h.Service))
 	}
@@ -185,6 +197,13 @@ func (h *Headless) config() (discovery.Config, error) {
 		if cfg.Health, err = h.HealthChecks.check(h.Service); err != nil {
 			return cfg, err
 		}
+		cfg.Health.SlowStart = time.Duration(h.SlowStart)
+	}
+	switch {
+	case h.SlowStart < 0:
+		return cfg, fmt.Errorf("headless %s: slow_start must not be negative", h.Service)
+	case h.SlowStart > 0 && h.HealthChecks == nil:
+		return cfg, fmt.Errorf("headless %s: slow_start ramps endpoints up as they become healthy: it needs health checks (a health_* option)", h.Service)
 	}
 	if v := h.Versions; v != nil && (v.IPv4 != nil || v.IPv6 != nil) {
 		cfg.IPv4 = v.IPv4 != nil && *v.IPv4
@@ -238,19 +257,49 @@ func (h *Headless) GetUpstreams(r *http.Request) ([]*reverseproxy.Upstream, erro
 		return nil, s.Unavailable
 	}
 	eps := s.Endpoints
+	var view *discovery.HealthView
 	if p := h.watcher.Prober(); p != nil {
+		view = p.View()
 		var err error
-		if eps, err = eligibleEndpoints(s, p.View()); err != nil {
+		if eps, err = eligibleEndpoints(s, view); err != nil {
 			return nil, err
 		}
 	}
+	return upstreamsOf(eps, view, rand.Float64), nil
+}
+
+// upstreamsOf returns fresh upstreams for eps, in one block. During a slow
+// start each ramping endpoint is left out of the list with the probability
+// 1 - its share (coin draws in [0,1)), which makes it that much less likely
+// to be picked by random, round robin or least_conn; at least one is kept.
+func upstreamsOf(eps []discovery.Endpoint, v *discovery.HealthView, coin func() float64) []*reverseproxy.Upstream {
 	block := make([]reverseproxy.Upstream, len(eps))
-	ups := make([]*reverseproxy.Upstream, len(eps))
-	for i := range block {
-		block[i].Dial = eps[i].Dial
-		ups[i] = &block[i]
+	ups := make([]*reverseproxy.Upstream, 0, len(eps))
+	// Ramp only over the view's own list (not a filtered copy), and never
+	// when a single endpoint is eligible.
+	var now time.Time
+	ramping := v != nil && v.Ramp != nil && len(eps) > 1 && len(eps) == len(v.Eligible) && &eps[0] == &v.Eligible[0]
+	if ramping {
+		now = time.Now()
+		ramping = now.Before(v.RampUntil)
 	}
-	return ups, nil
+	for i := range eps {
+		if ramping {
+			if share := v.Share(i, now); share < 1 && coin() >= share {
+				continue
+			}
+		}
+		n := len(ups)
+		block[n].Dial = eps[i].Dial
+		ups = append(ups, &block[n])
+	}
+	if len(ups) == 0 {
+		for i := range eps {
+			block[i].Dial = eps[i].Dial
+			ups = append(ups, &block[i])
+		}
+	}
+	return ups
 }
 
 // eligibleEndpoints are the endpoints of s that requests may go to: those
@@ -316,6 +365,32 @@ func handlerHealthWarning(mods []caddy.Module, ours bool) string {
 		return "reverse_proxy's active health checks (health_* beside dynamic) never run on dynamic upstreams: move the health_* options into the `dynamic headless` block"
 	}
 	return ""
+}
+
+// checkSlowStartPolicy refuses slow_start under a handler whose lb_policy
+// picks by hash or cookie: leaving an endpoint out of some lists would move
+// those clients to other endpoints and back.
+func checkSlowStartPolicy(mods []caddy.Module, slowStart caddy.Duration) error {
+	if slowStart <= 0 {
+		return nil
+	}
+	for i := len(mods) - 1; i >= 0; i-- {
+		rp, ok := mods[i].(*reverseproxy.Handler)
+		if !ok {
+			continue
+		}
+		if rp.LoadBalancing == nil || rp.LoadBalancing.SelectionPolicy == nil {
+			return nil // random
+		}
+		switch pol := rp.LoadBalancing.SelectionPolicy.(type) {
+		case *reverseproxy.IPHashSelection, *reverseproxy.ClientIPHashSelection, *reverseproxy.URIHashSelection,
+			*reverseproxy.HeaderHashSelection, *reverseproxy.CookieHashSelection, *reverseproxy.QueryHashSelection:
+			return fmt.Errorf("slow_start cannot be used with lb_policy %s, which must keep each client on its endpoint: use random, round_robin, least_conn or first, or drop slow_start",
+				pol.(caddy.Module).CaddyModule().ID.Name())
+		}
+		return nil
+	}
+	return nil
 }
 
 func checkLabel(field, v string) error {

@@ -59,6 +59,9 @@ type HealthCheck struct {
 	// FailFast makes requests fail when no endpoint is healthy; by default
 	// they go to every discovered endpoint (fail open, "panic mode").
 	FailFast bool
+	// SlowStart, if set, ramps a newly healthy endpoint's share of requests
+	// up over this long (see HealthView.Ramp).
+	SlowStart time.Duration
 	// TLS, if set, makes the HTTP probes HTTPS with this configuration.
 	TLS *tls.Config
 	// TLSKey describes TLS for Key (a tls.Config cannot be compared).
@@ -148,9 +151,9 @@ func (c HealthCheck) Key() string {
 		hdr = append(hdr, k+"="+strings.Join(vs, ","))
 	}
 	slices.Sort(hdr)
-	return fmt.Sprintf("tcp=%t %s %q port=%d status=%d body=%q headers=%q every=%s~%s timeout=%s passes=%d fails=%d inflight=%d optimistic=%t failfast=%t tls=%q",
+	return fmt.Sprintf("tcp=%t %s %q port=%d status=%d body=%q headers=%q every=%s~%s timeout=%s passes=%d fails=%d inflight=%d optimistic=%t failfast=%t slowstart=%s tls=%q",
 		c.TCP, c.Method, c.URI, c.Port, c.Status, body, hdr, c.Interval, c.Jitter, c.Timeout, c.Passes, c.Fails,
-		c.MaxInFlight, c.Optimistic, c.FailFast, c.TLSKey)
+		c.MaxInFlight, c.Optimistic, c.FailFast, c.SlowStart, c.TLSKey)
 }
 
 // EndpointHealth is the probes' view of one endpoint.
@@ -164,6 +167,9 @@ type EndpointHealth struct {
 	LastError error
 	// Since is when State last changed (or the endpoint was discovered).
 	Since time.Time
+	// RampFrom is when the endpoint's slow start began; zero if it gets its
+	// full share (no slow_start, or healthy since the prober started).
+	RampFrom time.Time
 }
 
 // HealthView is an immutable summary of the probes, published whenever a
@@ -179,6 +185,26 @@ type HealthView struct {
 	Panic bool
 	// FailFast is the configured behaviour in panic.
 	FailFast bool
+	// Ramp holds, for each of Eligible, when its slow start began (zero for
+	// none); nil when no endpoint is ramping. SlowStart is the ramp's length.
+	Ramp      []time.Time
+	SlowStart time.Duration
+	// RampUntil is when the last ramp ends.
+	RampUntil time.Time
+}
+
+// minRampShare is the share a ramping endpoint starts with, so it is tried
+// at once (Envoy's min_weight_percent is 10% too).
+const minRampShare = 0.1
+
+// Share is how much of its full share of requests the i-th eligible endpoint
+// gets at now: 1 outside a slow start, else growing linearly from 0.1 to 1.
+func (v *HealthView) Share(i int, now time.Time) float64 {
+	if v.Ramp == nil || v.Ramp[i].IsZero() {
+		return 1
+	}
+	f := float64(now.Sub(v.Ramp[i])) / float64(v.SlowStart)
+	return min(max(f, minRampShare), 1)
 }
 
 // IsEligible reports whether requests may go to the endpoint dialed at dial.
@@ -205,6 +231,7 @@ type Prober struct {
 	states  map[string]*probeState
 	panic   bool
 	stopped bool
+	started bool // seen a snapshot: endpoints discovered later ramp up
 }
 
 // probeState is one endpoint's state; a pointer that identifies the endpoint's
@@ -212,6 +239,7 @@ type Prober struct {
 type probeState struct {
 	EndpointHealth
 	timer *time.Timer
+	late  bool // discovered after the prober's first endpoints: slow start applies
 }
 
 func newProber(cfg HealthCheck, svc Service, logger *atomic.Pointer[zap.Logger]) *Prober {
@@ -285,7 +313,7 @@ func (p *Prober) update(s *Snapshot) {
 		if _, ok := p.states[e.Dial]; ok {
 			continue
 		}
-		st := &probeState{EndpointHealth: EndpointHealth{Endpoint: e, Since: now}}
+		st := &probeState{EndpointHealth: EndpointHealth{Endpoint: e, Since: now}, late: p.started}
 		p.states[e.Dial] = st
 		st.timer = time.AfterFunc(0, func() { p.probe(st) })
 	}
@@ -297,18 +325,30 @@ func (p *Prober) update(s *Snapshot) {
 	}
 	p.members = s.Endpoints
 	p.seq = s.Seq
+	p.started = p.started || len(s.Endpoints) > 0
 	p.publishLocked()
 }
 
 // publishLocked computes and stores the view; p.mu is held.
 func (p *Prober) publishLocked() {
-	v := &HealthView{Seq: p.seq, FailFast: p.cfg.FailFast, eligible: make(map[string]bool, len(p.members))}
+	v := &HealthView{Seq: p.seq, FailFast: p.cfg.FailFast, SlowStart: p.cfg.SlowStart, eligible: make(map[string]bool, len(p.members))}
 	unhealthy, unknown := 0, 0
 	for _, e := range p.members {
 		st := p.states[e.Dial]
 		if st.State == Healthy || st.State == Unknown && p.cfg.Optimistic {
 			v.Eligible = append(v.Eligible, e)
 			v.eligible[e.Dial] = true
+			if !st.RampFrom.IsZero() {
+				if end := st.RampFrom.Add(p.cfg.SlowStart); end.After(v.RampUntil) {
+					v.RampUntil = end
+				}
+				if v.Ramp == nil {
+					v.Ramp = make([]time.Time, len(v.Eligible)-1, len(p.members))
+				}
+			}
+			if v.Ramp != nil {
+				v.Ramp = append(v.Ramp, st.RampFrom)
+			}
 		}
 		switch st.State {
 		case Unhealthy:
@@ -383,6 +423,12 @@ func (p *Prober) probe(st *probeState) {
 		}
 	}
 	changed := st.State != prev
+	if changed && st.State == Healthy && p.cfg.SlowStart > 0 && (prev == Unhealthy || st.late) {
+		st.RampFrom = now
+	}
+	if st.State != Healthy {
+		st.RampFrom = time.Time{}
+	}
 	ev := CheckEvent{Service: p.svc, Endpoint: st.Endpoint, Passed: err == nil, Err: err, State: st.State, Changed: changed}
 	if changed {
 		st.Since = now

@@ -460,3 +460,54 @@ func TestWatcherHealthKey(t *testing.T) {
 		t.Fatal("different fails, same key")
 	}
 }
+
+// Slow start: an endpoint back from failure, or discovered after the first
+// ones, ramps up; the first endpoints do not (not at process start).
+func TestHealthSlowStartRamp(t *testing.T) {
+	var code atomic.Int64
+	code.Store(200)
+	first := newBackend(t, func(int) int { return int(code.Load()) })
+	steady := newBackend(t, func(int) int { return 200 })
+	late := newBackend(t, func(int) int { return 200 })
+	p := startProber(t, HealthCheck{SlowStart: time.Hour})
+	p.discover(first.endpoint(), steady.endpoint())
+	p.until(t, first.addr, func(ev CheckEvent) bool { return ev.State == Healthy })
+	p.until(t, steady.addr, func(ev CheckEvent) bool { return ev.State == Healthy })
+	if v := p.View(); v.Ramp != nil || v.Share(0, time.Now()) != 1 {
+		t.Fatalf("endpoints healthy at start ramp: %+v", v)
+	}
+
+	p.discover(first.endpoint(), steady.endpoint(), late.endpoint())
+	p.until(t, late.addr, func(ev CheckEvent) bool { return ev.State == Healthy })
+	code.Store(500)
+	p.until(t, first.addr, func(ev CheckEvent) bool { return ev.State == Unhealthy })
+	code.Store(200)
+	p.until(t, first.addr, func(ev CheckEvent) bool { return ev.State == Healthy })
+
+	v := p.View()
+	if len(v.Eligible) != 3 || len(v.Ramp) != 3 || v.SlowStart != time.Hour {
+		t.Fatalf("view: %+v", v)
+	}
+	for i, e := range v.Eligible {
+		h, _ := p.Health(e.Dial)
+		ramping := e.Dial != steady.addr
+		if !v.Ramp[i].Equal(h.RampFrom) || v.Ramp[i].IsZero() == ramping {
+			t.Errorf("%s: ramp from %v (ramping %t)", e.Dial, v.Ramp[i], ramping)
+		}
+		if !ramping {
+			continue
+		}
+		if got := v.Share(i, h.RampFrom); got != minRampShare {
+			t.Errorf("%s: share at the start of the ramp %v, want %v", e.Dial, got, minRampShare)
+		}
+		if got := v.Share(i, h.RampFrom.Add(30*time.Minute)); got != 0.5 {
+			t.Errorf("%s: share halfway %v, want 0.5", e.Dial, got)
+		}
+		if got := v.Share(i, h.RampFrom.Add(2*time.Hour)); got != 1 {
+			t.Errorf("%s: share after the ramp %v", e.Dial, got)
+		}
+		if !v.RampUntil.After(h.RampFrom) {
+			t.Errorf("ramp until %v", v.RampUntil)
+		}
+	}
+}
