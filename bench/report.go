@@ -91,6 +91,9 @@ func (h *harness) headline(row, col, val string) {
 func (h *harness) headlineTable() string {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if len(h.headRows) == 0 {
+		return ""
+	}
 	t := &table{header: append([]string{""}, headCols...)}
 	for _, r := range h.headRows {
 		cells := []any{r}
