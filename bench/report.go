@@ -117,14 +117,22 @@ func (h *harness) report(sections []*section, took time.Duration, args []string)
 	caddyVersion, _, _ := strings.Cut(versionOf(h.caddy, "version"), " ")
 	cmd := "make bench"
 	if len(args) > 0 {
-		cmd = "go run ./bench " + strings.Join(args, " ")
+		quoted := make([]string, len(args))
+		for i, a := range args {
+			quoted[i] = a
+			if strings.ContainsAny(a, " '\"") {
+				quoted[i] = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
+			}
+		}
+		cmd = "go run ./bench " + strings.Join(quoted, " ")
 	}
 	kernel, _ := os.ReadFile("/proc/sys/kernel/osrelease")
 	fmt.Fprintf(&b, `# Benchmarks and failure drills
 
 caddy-headless side by side with its peers, in one run on one machine, on loopback. Written by
-`+"`%s`"+` (the harness is [`+"`bench/`"+`](bench/); it builds nothing but `+"`bin/caddy`"+`,
-and needs `+"`wrk`, `nginx` and `haproxy`"+` on the PATH: `+"`apt-get install wrk nginx haproxy`"+`).
+`+"`%s`"+`; `+"`make bench`"+` runs the same on the checkout, building `+"`bin/caddy`"+` first if it
+is stale. The harness is [`+"`bench/`"+`](bench/); it needs `+"`wrk`, `nginx` and `haproxy`"+` on the PATH
+(`+"`apt-get install wrk nginx haproxy`"+`) and runs them as its own processes, with generated configs.
 Run on %s; the whole run took %s.
 
 | machine | |
