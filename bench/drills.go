@@ -175,7 +175,8 @@ func drillThroughput(ctx context.Context, h *harness) (*section, error) {
 	}
 	results := make([][]wrkResult, len(targets))
 	for r := 0; r < rounds; r++ {
-		for i := range targets {
+		for k := range targets {
+			i := (r + k) % len(targets) // each round starts with another proxy
 			res, err := runWrk(ctx, proxies[i].url, d)
 			if err != nil {
 				return nil, err
@@ -216,7 +217,7 @@ func drillThroughput(ctx context.Context, h *harness) (*section, error) {
 	}
 	return &section{
 		intro: fmt.Sprintf("`wrk -t%d -c%d -d%ds --latency` against each proxy in turn, %d rounds (the proxies take turns, "+
-			"so drift in the machine's load spreads over all of them), after a warm-up run each. The same three "+
+			"each round starting with the next one, so drift in the machine's load spreads over all of them), after a warm-up run each. The same three "+
 			"endpoints (127.0.6.11–13) behind every proxy; plain HTTP/1.1 with keep-alive on both sides. "+
 			"The DNS-based ones (ours, `dynamic a`, HAProxy) find the endpoints through the DNS stand-in.",
 			wrkThreads, wrkConns, int(d.Seconds()), rounds),
