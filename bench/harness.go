@@ -407,10 +407,15 @@ func (p *proxy) reload(body string) error {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	if resp.StatusCode != 200 {
-		return fmt.Errorf("POST /load: %s: %s", resp.Status, b)
+		return &loadStatusError{resp.Status, string(b)}
 	}
 	return nil
 }
+
+// loadStatusError is an answer of the admin API other than 200 to POST /load.
+type loadStatusError struct{ status, body string }
+
+func (e *loadStatusError) Error() string { return "POST /load: " + e.status + ": " + e.body }
 
 // metrics scrapes Caddy's admin /metrics: the sum of every series of the
 // named metric whose labels contain each of the label filters ("service=\"x\"").

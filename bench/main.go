@@ -81,7 +81,7 @@ func main() {
 			break
 		}
 		log.Printf("drill %s", d.title)
-		t0 := time.Now()
+		t0, load0 := time.Now(), loadAvg()
 		sec, err := d.run(ctx, h)
 		h.stopAll()
 		if err != nil {
@@ -90,6 +90,7 @@ func main() {
 		}
 		sec.title = d.title
 		sec.elapsed = time.Since(t0)
+		sec.load = load0 + " → " + loadAvg()
 		fmt.Println(sec.markdown())
 		sections = append(sections, sec)
 	}
@@ -113,4 +114,16 @@ func drillKeys() string {
 		keys = append(keys, d.key)
 	}
 	return strings.Join(keys, ",")
+}
+
+// loadAvg is the machine's 1-minute load average, as /proc/loadavg has it.
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	if f := strings.Fields(string(b)); len(f) > 0 {
+		return f[0]
+	}
+	return "?"
 }

@@ -16,6 +16,7 @@ type section struct {
 	tables  []*table
 	notes   []string
 	elapsed time.Duration
+	load    string // 1-minute load average at the start → end of the drill
 }
 
 type table struct {
@@ -52,7 +53,7 @@ func (s *section) markdown() string {
 		fmt.Fprintf(&b, "%s\n\n", strings.TrimSpace(n))
 	}
 	if s.elapsed > 0 {
-		fmt.Fprintf(&b, "_Drill time: %s._\n", s.elapsed.Round(time.Second))
+		fmt.Fprintf(&b, "_Drill time: %s; 1-minute load average of the machine at its start → end: %s._\n", s.elapsed.Round(time.Second), s.load)
 	}
 	return b.String()
 }
