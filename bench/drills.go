@@ -452,11 +452,11 @@ func drillConvergence(ctx context.Context, h *harness) (*section, error) {
 		ss := l.stop()
 		qps := float64(h.dns.Queries()-q0) / time.Since(tq0).Seconds()
 		p.stop()
-		addMed, addMax := "not within "+limit.String(), "—"
+		addMed, addMax := fmt.Sprintf("not within %d s", int(limit.Seconds())), "—"
 		if !addFail {
 			addMed, addMax = secs(quantile(adds, 0.5)), secs(quantile(adds, 1))
 		}
-		remMed, remMax := "still receiving at "+limit.String(), "—"
+		remMed, remMax := fmt.Sprintf("still receiving at %d s", int(limit.Seconds())), "—"
 		if !removeFail {
 			remMed, remMax = secs(quantile(removes, 0.5)), secs(quantile(removes, 1))
 		}
@@ -563,7 +563,7 @@ func drillChurn(ctx context.Context, h *harness) (*section, error) {
 		sm := summarize(window(ss, tStart, time.Hour))
 		debugSlow(tg.name, ss, p)
 		t.add(tg.name, sm.n, sm.errors, sm.kindList(), ms(sm.p50), ms(sm.p99), ms(sm.max))
-		h.headline(fmt.Sprintf("Churn, an endpoint replaced every second for %s: failed requests", dur), col(tg.name), fmt.Sprintf("%d of %d", sm.errors, sm.n))
+		h.headline(fmt.Sprintf("Churn, an endpoint replaced every second for %d s: failed requests", int(dur.Seconds())), col(tg.name), fmt.Sprintf("%d of %d", sm.errors, sm.n))
 	}
 	return &section{
 		intro: fmt.Sprintf("%d endpoints; every second for %s one new endpoint starts and is published, and the oldest "+
