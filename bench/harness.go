@@ -241,7 +241,12 @@ func (h *harness) ports() (listen, admin string) {
 }
 
 func (h *harness) spawn(name, listen string, args ...string) (*proxy, error) {
-	slug := strings.NewReplacer(" ", "-", "/", "-", ",", "", "(", "", ")", "", "=", "").Replace(name)
+	slug := strings.Map(func(r rune) rune {
+		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' {
+			return r
+		}
+		return '-'
+	}, name)
 	logPath := filepath.Join(h.dir, fmt.Sprintf("%d-%s.log", time.Now().UnixNano(), slug))
 	f, err := os.Create(logPath)
 	if err != nil {
