@@ -89,6 +89,7 @@ func (h *Headless) setService(d *caddyfile.Dispenser) error {
 // not one of this source's options; the headless_proxy directive uses this to
 // mix these options with reverse_proxy's own.
 func (h *Headless) UnmarshalOption(d *caddyfile.Dispenser) (bool, error) {
+	var err error
 	switch d.Val() {
 	case "resolvers":
 		h.Resolvers = d.RemainingArgs()
@@ -119,11 +120,11 @@ func (h *Headless) UnmarshalOption(d *caddyfile.Dispenser) (bool, error) {
 		if len(args) < 1 || len(args) > 2 {
 			return true, d.Errf("headless: refresh takes <min> [<max>]")
 		}
-		lo, err := parseDuration(d, "refresh", args[0])
-		if err != nil {
+		var lo, hi caddy.Duration
+		if lo, err = parseDuration(d, "refresh", args[0]); err != nil {
 			return true, err
 		}
-		hi := lo
+		hi = lo
 		if len(args) == 2 {
 			if hi, err = parseDuration(d, "refresh", args[1]); err != nil {
 				return true, err
@@ -134,27 +135,9 @@ func (h *Headless) UnmarshalOption(d *caddyfile.Dispenser) (bool, error) {
 		}
 		h.RefreshMin, h.RefreshMax = lo, hi
 	case "stale":
-		var err error
-		if !d.NextArg() {
-			return true, d.ArgErr()
-		}
-		if h.Stale, err = parseDuration(d, "stale", d.Val()); err != nil {
-			return true, err
-		}
-		if d.NextArg() {
-			return true, d.ArgErr()
-		}
+		h.Stale, err = durationArg(d, false)
 	case "dial_timeout":
-		var err error
-		if !d.NextArg() {
-			return true, d.ArgErr()
-		}
-		if h.DialTimeout, err = parseDuration(d, "dial_timeout", d.Val()); err != nil {
-			return true, err
-		}
-		if h.DialTimeout <= 0 || d.NextArg() {
-			return true, d.Errf("headless: dial_timeout takes one positive duration")
-		}
+		h.DialTimeout, err = durationArg(d, true)
 	case "versions":
 		args := d.RemainingArgs()
 		if len(args) == 0 {
@@ -173,32 +156,16 @@ func (h *Headless) UnmarshalOption(d *caddyfile.Dispenser) (bool, error) {
 		}
 		h.Versions = v
 	case "slow_start":
-		var err error
-		if !d.NextArg() {
-			return true, d.ArgErr()
-		}
-		if h.SlowStart, err = parseDuration(d, "slow_start", d.Val()); err != nil {
-			return true, err
-		}
-		if h.SlowStart <= 0 || d.NextArg() {
-			return true, d.Errf("headless: slow_start takes one positive duration")
-		}
+		h.SlowStart, err = durationArg(d, true)
 	case "edns_buffer_size":
-		if !d.NextArg() {
-			return true, d.ArgErr()
-		}
-		n, err := strconv.Atoi(d.Val())
-		if err != nil || n < 512 || n > 65535 || d.NextArg() {
-			return true, d.Errf("headless: edns_buffer_size takes one number in 512-65535, got %q", d.Val())
-		}
-		h.EDNSBufferSize = n
+		h.EDNSBufferSize, err = numberArg(d, 512, 65535)
 	default:
 		if strings.HasPrefix(d.Val(), "health_") {
 			return h.unmarshalHealth(d)
 		}
 		return false, nil
 	}
-	return true, nil
+	return true, err
 }
 
 // unmarshalHealth parses one health_* option.
@@ -209,45 +176,15 @@ func (h *Headless) unmarshalHealth(d *caddyfile.Dispenser) (bool, error) {
 		h.HealthChecks = new(HealthChecks)
 	}
 	hc := h.HealthChecks
-	// one returns the option's single argument.
-	one := func() (string, error) {
-		if !d.NextArg() {
-			return "", d.Errf("headless: %s takes one argument", opt)
-		}
-		v := d.Val()
-		if d.NextArg() {
-			return "", d.Errf("headless: %s takes one argument, got extra %q", opt, d.Val())
-		}
-		return v, nil
-	}
+	one := func() (string, error) { return oneArg(d) }
 	none := func() error {
 		if d.NextArg() {
 			return d.Errf("headless: %s takes no argument, got %q", opt, d.Val())
 		}
 		return nil
 	}
-	number := func(lo, hi int) (int, error) {
-		v, err := one()
-		if err != nil {
-			return 0, err
-		}
-		n, err := strconv.Atoi(v)
-		if err != nil || n < lo || n > hi {
-			return 0, d.Errf("headless: %s takes a number in %d-%d, got %q", opt, lo, hi, v)
-		}
-		return n, nil
-	}
-	duration := func() (caddy.Duration, error) {
-		v, err := one()
-		if err != nil {
-			return 0, err
-		}
-		dur, err := parseDuration(d, opt, v)
-		if err == nil && dur == 0 {
-			err = d.Errf("headless: %s must be positive", opt)
-		}
-		return dur, err
-	}
+	number := func(lo, hi int) (int, error) { return numberArg(d, lo, hi) }
+	duration := func() (caddy.Duration, error) { return durationArg(d, true) }
 	tlsConf := func() *HealthTLS {
 		if hc.TLS == nil {
 			hc.TLS = new(HealthTLS)
@@ -332,6 +269,48 @@ func (h *Headless) unmarshalHealth(d *caddyfile.Dispenser) (bool, error) {
 		return false, nil
 	}
 	return true, err
+}
+
+// oneArg returns the single argument of the option at the cursor.
+func oneArg(d *caddyfile.Dispenser) (string, error) {
+	opt := d.Val()
+	if !d.NextArg() {
+		return "", d.Errf("headless: %s takes one argument", opt)
+	}
+	v := d.Val()
+	if d.NextArg() {
+		return "", d.Errf("headless: %s takes one argument, got extra %q", opt, d.Val())
+	}
+	return v, nil
+}
+
+// numberArg returns the option's single argument as a number in [lo, hi].
+func numberArg(d *caddyfile.Dispenser, lo, hi int) (int, error) {
+	opt := d.Val()
+	v, err := oneArg(d)
+	if err != nil {
+		return 0, err
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < lo || n > hi {
+		return 0, d.Errf("headless: %s takes a number in %d-%d, got %q", opt, lo, hi, v)
+	}
+	return n, nil
+}
+
+// durationArg returns the option's single argument as a duration, not
+// negative, and above zero if positive is set.
+func durationArg(d *caddyfile.Dispenser, positive bool) (caddy.Duration, error) {
+	opt := d.Val()
+	v, err := oneArg(d)
+	if err != nil {
+		return 0, err
+	}
+	dur, err := parseDuration(d, opt, v)
+	if err == nil && positive && dur == 0 {
+		err = d.Errf("headless: %s must be positive", opt)
+	}
+	return dur, err
 }
 
 func parseDuration(d *caddyfile.Dispenser, field, s string) (caddy.Duration, error) {
