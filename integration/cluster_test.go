@@ -76,7 +76,7 @@ func (s *suite) startAPIServer() error {
 		"--tls-cert-file="+cert, "--tls-private-key-file="+key,
 		"--client-ca-file="+s.caFile,
 		"--token-auth-file="+tokens,
-		"--authorization-mode=AlwaysAllow",
+		"--authorization-mode=RBAC", // storage k8s is tested as a service account bound to exactly its Role
 		"--service-account-key-file="+saPub,
 		"--service-account-signing-key-file="+saKey,
 		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",

@@ -7,6 +7,12 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
+# One suite per machine: it owns fixed network namespace names and addresses.
+# A second run waits here instead of killing the first one's processes.
+if [ -z "${CHL_E2E_LOCKED:-}" ] && command -v flock >/dev/null; then
+	export CHL_E2E_LOCKED=1
+	exec flock /tmp/chl-e2e.lock "$0" "$@"
+fi
 t0=$(date +%s)
 "$here/build-tools.sh"
 echo "integration: tool chain ready in $(( $(date +%s) - t0 ))s"
