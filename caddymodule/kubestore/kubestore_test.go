@@ -8,18 +8,19 @@ import (
 	"time"
 
 	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore"
+	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore/kubetest"
 	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore/storagetest"
 )
 
 // The contract, on the in-process fake apiserver; the integration suite
 // runs the same on kube-apiserver.
 func TestContractOnFakeAPIServer(t *testing.T) {
-	f := kubestore.NewFakeAPIForTest(t, "caddy")
+	f := kubetest.New(t, "caddy")
 	storagetest.Run(t, storagetest.Env{Config: func(t *testing.T) kubestore.Config { return f.Config("caddy") }})
 }
 
 func TestErrorsNameWhatWasRefused(t *testing.T) {
-	f := kubestore.NewFakeAPIForTest(t, "caddy")
+	f := kubetest.New(t, "caddy")
 	cfg := f.Config("other-ns")
 	s, err := kubestore.New(cfg, nil)
 	if err != nil {
@@ -41,7 +42,7 @@ func TestErrorsNameWhatWasRefused(t *testing.T) {
 }
 
 func TestTokenIsReadAgainAfter401(t *testing.T) {
-	f := kubestore.NewFakeAPIForTest(t, "caddy")
+	f := kubetest.New(t, "caddy")
 	s, err := kubestore.New(f.Config("caddy"), nil)
 	if err != nil {
 		t.Fatal(err)
@@ -62,7 +63,7 @@ func TestTokenIsReadAgainAfter401(t *testing.T) {
 }
 
 func TestAPIServerDownFailsWithinTheContext(t *testing.T) {
-	f := kubestore.NewFakeAPIForTest(t, "caddy")
+	f := kubetest.New(t, "caddy")
 	s, err := kubestore.New(f.Config("caddy"), nil)
 	if err != nil {
 		t.Fatal(err)
@@ -86,7 +87,7 @@ func TestAPIServerDownFailsWithinTheContext(t *testing.T) {
 }
 
 func TestNewRejectsBadConfig(t *testing.T) {
-	f := kubestore.NewFakeAPIForTest(t, "caddy")
+	f := kubetest.New(t, "caddy")
 	for name, edit := range map[string]func(c *kubestore.Config){
 		"prefix":         func(c *kubestore.Config) { c.Prefix = "Caddy_1" },
 		"namespace":      func(c *kubestore.Config) { c.Namespace = "" },

@@ -1,4 +1,8 @@
-package kubestore
+// Package kubetest is an in-process fake of the part of the Kubernetes REST
+// API that package kubestore uses, for fast unit tests. It answers the way
+// kube-apiserver does; the integration suite runs the same contract tests
+// (package storagetest) against the real one, which keeps the two honest.
+package kubetest
 
 import (
 	"encoding/json"
@@ -16,16 +20,18 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore"
 )
 
-// fakeAPI answers the part of the Kubernetes REST API the storage uses the
+// API answers the part of the Kubernetes REST API the storage uses the
 // way kube-apiserver does (checked against v1.37.2 by the integration
 // suite, which runs the same contract tests on the real one): Status
 // bodies, 409 on a stale resourceVersion or an existing name, 404 on PUT of
 // a missing object (no create-on-update), 422 for invalid names and data
 // over 1 MiB, delete preconditions, label selectors, limit/continue, 401
 // for a wrong token and 403 outside the namespaces the token may use.
-type fakeAPI struct {
+type API struct {
 	t   *testing.T
 	srv *httptest.Server
 
@@ -43,9 +49,9 @@ type fakeAPI struct {
 	hook     func(verb, resource, name string) // called before every request, unlocked
 }
 
-func newFakeAPI(t *testing.T, namespaces ...string) *fakeAPI {
+func New(t *testing.T, namespaces ...string) *API {
 	t.Helper()
-	f := &fakeAPI{t: t, token: "token-1", allowed: map[string]bool{}, objects: map[string]map[string]any{}}
+	f := &API{t: t, token: "token-1", allowed: map[string]bool{}, objects: map[string]map[string]any{}}
 	for _, ns := range namespaces {
 		f.allowed[ns] = true
 	}
@@ -63,9 +69,10 @@ func newFakeAPI(t *testing.T, namespaces ...string) *fakeAPI {
 	return f
 }
 
-// config is a storage Config on this fake, with short test intervals.
-func (f *fakeAPI) config(ns string) Config {
-	return Config{
+// Config is a storage Config for namespace ns on this fake, with short test
+// intervals.
+func (f *API) Config(ns string) kubestore.Config {
+	return kubestore.Config{
 		Endpoint: f.srv.URL, CAFile: f.caFile, TokenFile: f.tokenFile,
 		Namespace: ns, Prefix: "caddy", Identity: "replica-a",
 		LeaseDuration: 2 * time.Second, RenewInterval: 200 * time.Millisecond,
@@ -73,7 +80,8 @@ func (f *fakeAPI) config(ns string) Config {
 	}
 }
 
-var dnsSubdomain = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$`)
+// DNSSubdomain is the apiserver's rule for object names.
+var DNSSubdomain = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$`)
 
 func status(w http.ResponseWriter, code int, reason, msg string) {
 	w.Header().Set("Content-Type", "application/json")
@@ -83,7 +91,7 @@ func status(w http.ResponseWriter, code int, reason, msg string) {
 
 var pathRE = regexp.MustCompile(`^/(?:api/v1|apis/coordination\.k8s\.io/v1)/namespaces/([^/]+)/(secrets|leases)(?:/([^/]+))?$`)
 
-func (f *fakeAPI) serve(w http.ResponseWriter, r *http.Request) {
+func (f *API) serve(w http.ResponseWriter, r *http.Request) {
 	m := pathRE.FindStringSubmatch(r.URL.Path)
 	if m == nil {
 		status(w, 404, "NotFound", "the server could not find the requested resource")
@@ -149,7 +157,7 @@ func (f *fakeAPI) serve(w http.ResponseWriter, r *http.Request) {
 			status(w, 400, "BadRequest", "the name of the object does not match the name on the URL")
 			return
 		}
-		if !dnsSubdomain.MatchString(n) || len(n) > 253 {
+		if !DNSSubdomain.MatchString(n) || len(n) > 253 {
 			status(w, 422, "Invalid", fmt.Sprintf("%s %q is invalid: metadata.name: Invalid value: %q: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.'", res, n, n))
 			return
 		}
@@ -161,7 +169,7 @@ func (f *fakeAPI) serve(w http.ResponseWriter, r *http.Request) {
 				size += len(s) * 3 / 4 // base64
 				size -= strings.Count(s, "=")
 			}
-			if size > MaxValueSize {
+			if size > kubestore.MaxValueSize {
 				status(w, 422, "Invalid", fmt.Sprintf("Secret %q is invalid: data: Too long: must have at most 1048576 bytes", n))
 				return
 			}
@@ -221,7 +229,7 @@ func (f *fakeAPI) serve(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-func (f *fakeAPI) list(w http.ResponseWriter, r *http.Request, objs map[string]any) {
+func (f *API) list(w http.ResponseWriter, r *http.Request, objs map[string]any) {
 	want := map[string]string{}
 	if sel := r.URL.Query().Get("labelSelector"); sel != "" {
 		for _, term := range strings.Split(sel, ",") {
@@ -262,9 +270,9 @@ func (f *fakeAPI) list(w http.ResponseWriter, r *http.Request, objs map[string]a
 	json.NewEncoder(w).Encode(map[string]any{"kind": "List", "apiVersion": "v1", "metadata": map[string]any{"continue": cont}, "items": items})
 }
 
-// rotate makes the server accept only a new token; the token file changes
+// Rotate makes the server accept only a new token; the token file changes
 // only if writeFile.
-func (f *fakeAPI) rotate(t *testing.T, writeFile bool) {
+func (f *API) Rotate(t *testing.T, writeFile bool) {
 	f.mu.Lock()
 	f.token += "x"
 	tok := f.token
@@ -276,20 +284,25 @@ func (f *fakeAPI) rotate(t *testing.T, writeFile bool) {
 	}
 }
 
-func (f *fakeAPI) setDown(d bool) {
+// SetDown makes every answer a 503 (an apiserver shutting down).
+func (f *API) SetDown(d bool) {
 	f.mu.Lock()
 	f.down = d
 	f.mu.Unlock()
 }
 
-func (f *fakeAPI) requestLog() []string {
+// Close stops the server: nothing answers any more.
+func (f *API) Close() { f.srv.Close() }
+
+// Requests are "verb resource name" of every request so far.
+func (f *API) Requests() []string {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return append([]string(nil), f.requests...)
 }
 
-// secretNames lists the Secrets in ns.
-func (f *fakeAPI) secretNames(ns string) []string {
+// SecretNames lists the Secrets in ns.
+func (f *API) SecretNames(ns string) []string {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	var names []string
