@@ -4,11 +4,13 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -234,6 +236,7 @@ func TestReplicasShareCertificates(t *testing.T) {
 	for _, r := range reps {
 		serials[s.serial(t, r, replicaSite)] = true
 	}
+	t.Logf("apiserver requests of the 3 replicas from their start to the certificate on all of them (lock waits included): %v", sumRequests(t, reps...))
 	got := s.pebbleSince(mark)
 	t.Logf("first issuance: %d ACME account(s) created, %d certificate(s) issued, %d distinct serial(s) served", got.accounts, got.issued, len(serials))
 	if got.accounts != 1 || got.issued != 1 || len(serials) != 1 {
@@ -286,6 +289,44 @@ func TestReplicasShareCertificates(t *testing.T) {
 	if got.accounts != 0 || got.issued < 1 || got.issued > 2 || len(serials2) != 1 {
 		t.Fatalf("after the kill: %+v, serials %v; want no new account, the survivors serving one certificate", got, serials2)
 	}
+
+	// Idle: nothing to obtain, nothing to wait for.
+	before := sumRequests(t, survivors...)
+	const idle = 30 * time.Second
+	time.Sleep(idle)
+	after := sumRequests(t, survivors...)
+	t.Logf("idle: %.1f apiserver requests per replica per minute (%v over %v, 2 replicas)",
+		(after["all"]-before["all"])/2/idle.Minutes(), after["all"]-before["all"], idle)
+}
+
+// apiserverRequests sums caddy_headless_storage_apiserver_requests_total
+// from replica r's /metrics, by verb.
+func apiserverRequests(t *testing.T, r *replica) map[string]float64 {
+	t.Helper()
+	resp, err := http.Get(r.admin + "/metrics")
+	if err != nil {
+		t.Fatalf("replica %s /metrics: %v", r.name, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	out := map[string]float64{}
+	re := regexp.MustCompile(`(?m)^caddy_headless_storage_apiserver_requests_total\{[^}]*verb="(\w+)"[^}]*\} (\S+)$`)
+	for _, m := range re.FindAllStringSubmatch(string(b), -1) {
+		v, _ := strconv.ParseFloat(m[2], 64)
+		out[m[1]] += v
+		out["all"] += v
+	}
+	return out
+}
+
+func sumRequests(t *testing.T, reps ...*replica) map[string]float64 {
+	total := map[string]float64{}
+	for _, r := range reps {
+		for k, v := range apiserverRequests(t, r) {
+			total[k] += v
+		}
+	}
+	return total
 }
 
 func readFile(p string) string {

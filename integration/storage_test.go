@@ -139,7 +139,10 @@ func TestStorageKilledHolderIsTakenOver(t *testing.T) {
 	token := s.storageAccount(t, storageNS)
 	c := s.storageConfig(storageNS, token)
 	c.Prefix = "killed"
-	b, _ := json.Marshal(c)
+	b, err := json.Marshal(c)
+	if err != nil {
+		t.Fatal(err)
+	}
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), "E2E_LOCK_HOLDER="+string(b))
 	out, err := cmd.StdoutPipe()
