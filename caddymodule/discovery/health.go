@@ -207,7 +207,7 @@ type Prober struct {
 	stopped bool
 	started bool // seen a snapshot: endpoints discovered later ramp up
 
-	stats   *stats          // the Watcher's; nil in tests of the Prober alone
+	stats   *stats           // the Watcher's; nil in tests of the Prober alone
 	observe func(CheckEvent) // tests: called after every probe, under mu
 }
 

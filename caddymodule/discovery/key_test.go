@@ -143,3 +143,55 @@ func TestConfigKeyDefaults(t *testing.T) {
 		t.Fatal("Key changed the Config it was asked about")
 	}
 }
+
+// Stats.Add adds every counter: summed Stats are how the metrics show the
+// watchers sharing one service label.
+func TestStatsAddCoversEveryField(t *testing.T) {
+	one := NewStats()
+	v := reflect.ValueOf(&one).Elem()
+	for i := range v.NumField() {
+		switch f := v.Field(i); f.Kind() {
+		case reflect.Map:
+			for _, o := range Outcomes {
+				one.Lookups[o] = 1
+			}
+		case reflect.Slice:
+			for j := range f.Len() {
+				f.Index(j).SetUint(1)
+			}
+		case reflect.Uint64:
+			f.SetUint(1)
+		default:
+			f.SetInt(1)
+		}
+	}
+	sum := NewStats()
+	sum.Add(one)
+	sum.Add(one)
+	s := reflect.ValueOf(sum)
+	for i := range s.NumField() {
+		name := s.Type().Field(i).Name
+		switch f := s.Field(i); f.Kind() {
+		case reflect.Map:
+			for _, o := range Outcomes {
+				if sum.Lookups[o] != 2 {
+					t.Errorf("%s[%s] = %d, want 2", name, o, sum.Lookups[o])
+				}
+			}
+		case reflect.Slice:
+			for j := range f.Len() {
+				if f.Index(j).Uint() != 2 {
+					t.Errorf("%s[%d] = %d, want 2", name, j, f.Index(j).Uint())
+				}
+			}
+		case reflect.Uint64:
+			if f.Uint() != 2 {
+				t.Errorf("%s = %d, want 2", name, f.Uint())
+			}
+		default:
+			if f.Int() != 2 {
+				t.Errorf("%s = %d, want 2", name, f.Int())
+			}
+		}
+	}
+}

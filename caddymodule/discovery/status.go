@@ -81,6 +81,29 @@ func (s Stats) LookupCount() uint64 {
 	return n
 }
 
+// Add adds the counts of o to s (whose Lookups and Durations must be made).
+func (s *Stats) Add(o Stats) {
+	for k, n := range o.Lookups {
+		s.Lookups[k] += n
+	}
+	for i, n := range o.Durations {
+		s.Durations[i] += n
+	}
+	s.Queries += o.Queries
+	s.Truncated += o.Truncated
+	s.Dropped += o.Dropped
+	s.DurationSum += o.DurationSum
+	s.Passes += o.Passes
+	s.Fails += o.Fails
+	s.ToHealthy += o.ToHealthy
+	s.ToUnhealthy += o.ToUnhealthy
+}
+
+// NewStats returns zero Stats ready for Add.
+func NewStats() Stats {
+	return Stats{Lookups: make(map[Outcome]uint64, len(Outcomes)), Durations: make([]uint64, len(DurationBuckets)+1)}
+}
+
 // stats is the Watcher's live Stats: the run goroutine and the probes write,
 // readers copy. One lock keeps a histogram's buckets and sum consistent.
 type stats struct {
@@ -88,10 +111,7 @@ type stats struct {
 	s  Stats
 }
 
-func (st *stats) init() {
-	st.s.Lookups = make(map[Outcome]uint64, len(Outcomes))
-	st.s.Durations = make([]uint64, len(DurationBuckets)+1)
-}
+func (st *stats) init() { st.s = NewStats() }
 
 func (st *stats) lookup(o Outcome, took time.Duration, res Result) {
 	b, _ := slices.BinarySearch(DurationBuckets, took) // first bound >= took, or the last slot
@@ -124,12 +144,8 @@ func (st *stats) check(passed, changed bool, to HealthState) {
 func (st *stats) copy() Stats {
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	s := st.s
-	s.Lookups = make(map[Outcome]uint64, len(st.s.Lookups))
-	for o, n := range st.s.Lookups {
-		s.Lookups[o] = n
-	}
-	s.Durations = slices.Clone(st.s.Durations)
+	s := NewStats()
+	s.Add(st.s)
 	return s
 }
 

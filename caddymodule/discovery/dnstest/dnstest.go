@@ -41,8 +41,8 @@ type Server struct {
 	mu      sync.Mutex
 	records map[string][]dns.RR // by lowercased owner name
 	soa     dns.RR
-	rcode   int           // forced rcode; -1 for none
-	mute    bool          // drop queries
+	rcode   int  // forced rcode; -1 for none
+	mute    bool // drop queries
 	hook    func(w dns.ResponseWriter, q *dns.Msg) bool
 
 	queries atomic.Int64
