@@ -125,7 +125,7 @@ func (h *harness) report(sections []*section, took time.Duration, args []string)
 				quoted[i] = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
 			}
 		}
-		cmd = "go run ./bench " + strings.Join(quoted, " ")
+		cmd = "bin/bench " + strings.Join(quoted, " ")
 	}
 	kernel, _ := os.ReadFile("/proc/sys/kernel/osrelease")
 	fmt.Fprintf(&b, `# Benchmarks and failure drills

@@ -40,7 +40,7 @@ func (s *suite) startEtcd() error {
 	s.etcdURL = cu
 	return waitFor(30*time.Second, 200*time.Millisecond, func() error {
 		if s.etcd.exited() {
-			return fmt.Errorf("etcd exited: %v", s.etcd.err)
+			return fmt.Errorf("etcd exited: %v", s.etcd.Err())
 		}
 		return httpOK(http.DefaultClient, cu+"/health", "")
 	})
@@ -92,7 +92,7 @@ func (s *suite) startAPIServer() error {
 	c := s.httpsClient()
 	if err := waitFor(120*time.Second, 500*time.Millisecond, func() error {
 		if s.apiSrv.exited() {
-			return fmt.Errorf("kube-apiserver exited: %v", s.apiSrv.err)
+			return fmt.Errorf("kube-apiserver exited: %v", s.apiSrv.Err())
 		}
 		return httpOK(c, server+"/readyz", adminToken)
 	}); err != nil {
@@ -178,7 +178,7 @@ func (s *suite) runCoreDNS() error {
 	}
 	return waitFor(60*time.Second, 200*time.Millisecond, func() error {
 		if s.coredns.exited() {
-			return fmt.Errorf("CoreDNS exited: %v\n%s", s.coredns.err, s.coredns.tail(20))
+			return fmt.Errorf("CoreDNS exited: %v\n%s", s.coredns.Err(), s.coredns.tail(20))
 		}
 		return httpOK(http.DefaultClient, fmt.Sprintf("http://127.0.0.1:%d/ready", s.dnsReady), "")
 	})
@@ -236,7 +236,7 @@ func (s *suite) startPebble() error {
 	c := s.httpsClient()
 	if err := waitFor(30*time.Second, 200*time.Millisecond, func() error {
 		if s.pebble.exited() {
-			return fmt.Errorf("Pebble exited: %v", s.pebble.err)
+			return fmt.Errorf("Pebble exited: %v", s.pebble.Err())
 		}
 		return httpOK(c, s.acmeDirectory(), "")
 	}); err != nil {
