@@ -1,10 +1,13 @@
 package discovery
 
 import (
+	"context"
 	"errors"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
 )
 
 // Which endpoints a request gets, for a snapshot and a health view: health
@@ -74,6 +77,34 @@ func TestSelectEndpoints(t *testing.T) {
 			t.Errorf("%s: error %v, want %v", tc.name, err, tc.err)
 		case dials(got) != tc.want:
 			t.Errorf("%s: [%s], want [%s]", tc.name, dials(got), tc.want)
+		}
+	}
+}
+
+// No request waits on DNS: once a Service is resolved, asking for its
+// endpoints sends no query, with or without health checks; refreshing is
+// the watcher's own business.
+func TestEndpointsAskNoDNS(t *testing.T) {
+	for _, health := range []bool{false, true} {
+		// Loopback endpoints: the health checks probe them.
+		srv := dnstest.Start(t, "frontend.bbs.svc.cluster.local. 5 IN A 127.0.0.2\nfrontend.bbs.svc.cluster.local. 5 IN A 127.0.0.3")
+		w, _ := startWatcher(t, srv, "frontend:8001", func(c *Config) {
+			c.IPv6 = false
+			if health {
+				c.Health = &HealthCheck{TCP: true, Optimistic: true, Interval: time.Hour}
+			}
+		})
+		if _, err := w.Endpoints(context.Background()); err != nil {
+			t.Fatalf("health %t: first request: %v", health, err)
+		}
+		before := srv.Queries()
+		for range 1000 {
+			if eps, err := w.Endpoints(context.Background()); err != nil || len(eps) != 2 {
+				t.Fatalf("health %t: %d endpoints, %v", health, len(eps), err)
+			}
+		}
+		if n := srv.Queries() - before; n != 0 {
+			t.Fatalf("health %t: 1,000 requests sent %d DNS queries", health, n)
 		}
 	}
 }
