@@ -99,7 +99,8 @@ func TestEndpointsAskNoDNS(t *testing.T) {
 		}
 		before := srv.Queries()
 		for range 1000 {
-			if eps, err := w.Endpoints(context.Background()); err != nil || len(eps) != 2 {
+			// (How many pass depends on what listens there: not the point.)
+			if eps, err := w.Endpoints(context.Background()); err != nil || len(eps) == 0 {
 				t.Fatalf("health %t: %d endpoints, %v", health, len(eps), err)
 			}
 		}
