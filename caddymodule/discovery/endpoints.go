@@ -25,12 +25,15 @@ func (w *Watcher) Endpoints(ctx context.Context) ([]Endpoint, error) {
 		}
 	}
 	var v *HealthView
+	var now time.Time // read only for a slow start: the common path skips the clock
 	if w.prober != nil {
 		// Loaded after the snapshot: publish updates the view first, so v
 		// is at least as new as s.
-		v = w.prober.View()
+		if v = w.prober.View(); v.Ramp != nil {
+			now = time.Now()
+		}
 	}
-	return selectEndpoints(s, v, time.Now(), w.coin)
+	return selectEndpoints(s, v, now, w.coin)
 }
 
 // selectEndpoints picks from s by the health view v (nil without health
