@@ -31,4 +31,5 @@ check-example: ## caddy adapt + validate of Caddyfile.example with bin/caddy (bu
 
 bench: ## drills against nginx, HAProxy and Caddy's own sources (minutes; needs wrk, nginx, haproxy); writes BENCHMARKS.md
 	./scripts/build-if-stale.sh bin/caddy
-	go run ./bench -caddy bin/caddy -out BENCHMARKS.md $(BENCH_FLAGS)
+	cd bench && go build -o ../bin/bench .
+	bin/bench -caddy bin/caddy -out BENCHMARKS.md $(BENCH_FLAGS)
