@@ -25,6 +25,7 @@ import (
 //	    versions         ipv4|ipv6 ...
 //	    dial_timeout     <duration>
 //	    edns_buffer_size <bytes>
+//	    candidates       <n>|all
 //
 //	    # active health checks (any health_* option turns them on)
 //	    health_uri       <uri>
@@ -159,6 +160,14 @@ func (h *Headless) UnmarshalOption(d *caddyfile.Dispenser) (bool, error) {
 		h.SlowStart, err = durationArg(d, true)
 	case "edns_buffer_size":
 		h.EDNSBufferSize, err = numberArg(d, 512, 65535)
+	case "candidates":
+		if args := d.RemainingArgs(); len(args) == 1 && args[0] == "all" {
+			h.Candidates = -1
+		} else if len(args) != 1 {
+			return true, d.ArgErr()
+		} else if h.Candidates, err = strconv.Atoi(args[0]); err != nil || h.Candidates < 1 {
+			return true, d.Errf("headless: candidates takes a count (at least 1) or all, got %q", args[0])
+		}
 	default:
 		if strings.HasPrefix(d.Val(), "health_") {
 			return h.unmarshalHealth(d)

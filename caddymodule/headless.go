@@ -5,6 +5,7 @@ package caddymodule
 import (
 	"fmt"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -92,9 +93,24 @@ type Headless struct {
 	// start, nor while only one endpoint is healthy. Default: 0, off.
 	SlowStart caddy.Duration `json:"slow_start,omitempty"`
 
+	// How many endpoints each request is handed, so that the proxy's work per
+	// request does not grow with the Service: under the lb_policy random,
+	// random_choose, least_conn (distinct endpoints drawn at random),
+	// round_robin (a window that rotates over all of them) and first (the
+	// first ones). The hashing, cookie and weighted_round_robin policies
+	// always get every endpoint, as does a retry. -1 hands every endpoint to
+	// every request (sampling off). Default: 2 (random_choose: its choose),
+	// 8 when the handler marks endpoints down itself (passive health checks,
+	// a circuit breaker): with a fraction f of them marked down, a request
+	// finds none available with probability f^8 (1/256 at f = 0.5) unless
+	// it is retried.
+	Candidates int `json:"candidates,omitempty"`
+
 	key     string
 	watcher *discovery.Watcher
 	detach  func() // the watcher's logging through this config
+	sampler *discovery.Sampler
+	retry   sync.Map // *http.Request → struct{}: ResetCache was just called for it
 }
 
 // CaddyModule returns the Caddy module information.
@@ -134,6 +150,10 @@ func (h *Headless) Provision(ctx caddy.Context) error {
 	if err := checkSlowStartPolicy(ctx.Modules(), h.SlowStart); err != nil {
 		return fmt.Errorf("headless %s: %w", h.Service, err)
 	}
+	if h.Candidates < -1 {
+		return fmt.Errorf("headless %s: candidates must be -1 (all), 0 (the default) or a count, got %d", h.Service, h.Candidates)
+	}
+	h.sampler = samplerFor(ctx.Modules(), h.Candidates)
 	if msg := handlerHealthWarning(ctx.Modules(), h.HealthChecks != nil); msg != "" {
 		ctx.Logger().Warn(msg, zap.String("service", h.Service))
 	}
@@ -214,11 +234,18 @@ func (h *Headless) config() (discovery.Config, error) {
 	return cfg, nil
 }
 
-// GetUpstreams returns the endpoints the watcher picks for this request as
-// fresh upstreams (Caddy writes into them), in one allocation for all of them.
-// It waits for DNS only if this Service was never resolved yet.
+// GetUpstreams returns the candidates the watcher picks for this request as
+// fresh upstreams (Caddy writes into them), in one allocation for all of them:
+// a few of the endpoints, or all of them on a retry. It waits for DNS only if
+// this Service was never resolved yet.
 func (h *Headless) GetUpstreams(r *http.Request) ([]*reverseproxy.Upstream, error) {
-	eps, err := h.watcher.Endpoints(r.Context())
+	s := h.sampler
+	if s != nil {
+		if _, retry := h.retry.LoadAndDelete(r); retry {
+			s = nil
+		}
+	}
+	eps, err := h.watcher.Candidates(r.Context(), s)
 	if err != nil {
 		return nil, err
 	}
@@ -236,12 +263,56 @@ func upstreamsOf(eps []discovery.Endpoint) []*reverseproxy.Upstream {
 	return ups
 }
 
-// ResetCache is called by reverse_proxy before retrying a failed request. It
+// ResetCache is called by reverse_proxy before retrying a failed request, and
+// right before the GetUpstreams of the retry: that one hands out every
+// endpoint, since the candidates of the first try may all have been down. It
 // asks the watcher for a refresh in the background (rate-limited) rather than
 // looking anything up on the request path.
-func (h *Headless) ResetCache(*http.Request) error {
+func (h *Headless) ResetCache(r *http.Request) error {
+	if h.sampler != nil {
+		h.retry.Store(r, struct{}{})
+	}
 	h.watcher.Refresh()
 	return nil
+}
+
+// samplerFor picks the candidates of each request by the lb_policy of the
+// reverse_proxy handler above this source (in mods, the modules being
+// provisioned from the root down): nil, every endpoint, for the policies
+// that must see all of them and for candidates -1.
+func samplerFor(mods []caddy.Module, candidates int) *discovery.Sampler {
+	if candidates == -1 {
+		return nil
+	}
+	for i := len(mods) - 1; i >= 0; i-- {
+		rp, ok := mods[i].(*reverseproxy.Handler)
+		if !ok {
+			continue
+		}
+		size := discovery.DefaultCandidates
+		if p := rp.HealthChecks; rp.CBRaw != nil || p != nil && p.Passive != nil && (p.Passive.FailDuration > 0 || p.Passive.UnhealthyRequestCount > 0) {
+			size = discovery.PassiveCandidates
+		}
+		if candidates > 0 {
+			size = candidates
+		}
+		var pol reverseproxy.Selector = reverseproxy.RandomSelection{} // reverse_proxy's default, set after this
+		if rp.LoadBalancing != nil && rp.LoadBalancing.SelectionPolicy != nil {
+			pol = rp.LoadBalancing.SelectionPolicy
+		}
+		switch pol := pol.(type) {
+		case reverseproxy.RandomSelection, *reverseproxy.RandomSelection, reverseproxy.LeastConnSelection, *reverseproxy.LeastConnSelection:
+			return &discovery.Sampler{Pick: discovery.PickRandom, Size: size}
+		case *reverseproxy.RandomChoiceSelection:
+			return &discovery.Sampler{Pick: discovery.PickRandom, Size: max(size, pol.Choose)}
+		case *reverseproxy.RoundRobinSelection:
+			return &discovery.Sampler{Pick: discovery.PickWindow, Size: size}
+		case reverseproxy.FirstSelection, *reverseproxy.FirstSelection:
+			return &discovery.Sampler{Pick: discovery.PickFirst, Size: size}
+		}
+		return nil // hashing, cookie, weighted, or a policy we do not know: every endpoint
+	}
+	return nil // not under reverse_proxy (e.g. in a test): every endpoint
 }
 
 // Cleanup releases the shared watcher; the last user stops it.
