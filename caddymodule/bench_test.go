@@ -70,3 +70,34 @@ func ipv4Only() *reverseproxy.IPVersions {
 	yes := true
 	return &reverseproxy.IPVersions{IPv4: &yes}
 }
+
+// BenchmarkProxyPath measures the whole per-request path in this process:
+// Caddy's reverse_proxy handler ServeHTTP, with upstreams from a static list,
+// from our source or from Caddy's `dynamic a`, under each lb_policy, in front
+// of a transport that answers without a network. Compare the rows of one run
+// as ratios (static is the baseline; caddy-a gets at most what fits one UDP
+// reply, see upstreams/op of BenchmarkGetUpstreams).
+//
+//	go test -run '^$' -bench BenchmarkProxyPath -benchmem ./caddymodule/
+func BenchmarkProxyPath(b *testing.B) {
+	b.Setenv("XDG_DATA_HOME", b.TempDir())
+	for _, source := range []string{"static", "headless", "caddy-a"} {
+		for _, policy := range []string{"random", "least_conn", "round_robin", "first", "ip_hash"} {
+			for _, n := range []int{1, 10, 100, 1000} {
+				name := fmt.Sprintf("path%d", n)
+				zone, dials := zoneOf(name, 2, n)
+				srv := dnstest.Start(b, zone)
+				h := proxy(b, handlerJSON(source, policy, name, srv.Addr, dials, ""), &noNetwork{})
+				b.Run(fmt.Sprintf("source=%s/policy=%s/endpoints=%d", source, policy, n), func(b *testing.B) {
+					if code := serve(h); code != 200 { // warm the caches
+						b.Fatalf("warm-up: status %d", code)
+					}
+					b.ReportAllocs()
+					for b.Loop() {
+						serve(h)
+					}
+				})
+			}
+		}
+	}
+}

@@ -110,7 +110,7 @@ type Headless struct {
 	watcher *discovery.Watcher
 	detach  func() // the watcher's logging through this config
 	sampler *discovery.Sampler
-	retry   sync.Map // *http.Request → struct{}: ResetCache was just called for it
+	retry   *sync.Map // *http.Request → struct{}: ResetCache was just called for it; with sampler
 }
 
 // CaddyModule returns the Caddy module information.
@@ -153,7 +153,9 @@ func (h *Headless) Provision(ctx caddy.Context) error {
 	if h.Candidates < -1 {
 		return fmt.Errorf("headless %s: candidates must be -1 (all), 0 (the default) or a count, got %d", h.Service, h.Candidates)
 	}
-	h.sampler = samplerFor(ctx.Modules(), h.Candidates)
+	if h.sampler = samplerFor(ctx.Modules(), h.Candidates); h.sampler != nil {
+		h.retry = new(sync.Map)
+	}
 	if msg := handlerHealthWarning(ctx.Modules(), h.HealthChecks != nil); msg != "" {
 		ctx.Logger().Warn(msg, zap.String("service", h.Service))
 	}
