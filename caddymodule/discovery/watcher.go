@@ -321,6 +321,7 @@ func (w *Watcher) run(ctx context.Context) {
 	var seq uint64
 	var failures int
 	var lastStart time.Time
+	var single family // of the last answer, if it had only one
 	for {
 		select {
 		case <-ctx.Done():
@@ -343,7 +344,10 @@ func (w *Watcher) run(ctx context.Context) {
 		seq++
 		w.started.Store(seq)
 		lastStart = time.Now()
-		res, err := w.cfg.Resolver.Lookup(ctx, w.cfg.Service, w.cfg.IPv4, w.cfg.IPv6)
+		res, err := w.lookup(ctx, single, seq)
+		if err == nil {
+			single = familyOf(res.Endpoints)
+		}
 		if ctx.Err() != nil {
 			return
 		}
@@ -365,6 +369,51 @@ func (w *Watcher) run(ctx context.Context) {
 		}
 		timer.Reset(s.Next.Sub(now))
 	}
+}
+
+// A cluster is mostly single-stack: asking A and AAAA every second for each
+// Service, half the answers would be NODATA forever. While the last answer
+// had addresses of one family only, the other is asked only every
+// missingFamilyEvery-th lookup, so a Service that becomes dual-stack is seen
+// within missingFamilyEvery refresh intervals (30 s at the default 1 s).
+// Services with named ports ask SRV, one query for both families: no rule.
+const missingFamilyEvery = 30
+
+// family is the address family of a set of endpoints: 4, 6, or 0 for both
+// or none.
+type family int
+
+func familyOf(eps []Endpoint) family {
+	var v4, v6 bool
+	for _, e := range eps {
+		v4, v6 = v4 || e.IP.Is4(), v6 || !e.IP.Is4()
+	}
+	switch {
+	case v4 && !v6:
+		return 4
+	case v6 && !v4:
+		return 6
+	}
+	return 0
+}
+
+// lookup asks DNS for the configured families, or only for single, the
+// family of the last answer, when the rule above allows. If that one then
+// has no addresses, the other is asked at once: a set is never emptied for
+// a family that was not asked.
+func (w *Watcher) lookup(ctx context.Context, single family, seq uint64) (Result, error) {
+	v4, v6 := w.cfg.IPv4, w.cfg.IPv6
+	if !v4 || !v6 || single == 0 || w.cfg.Service.SRV() || seq%missingFamilyEvery == 0 {
+		return w.cfg.Resolver.Lookup(ctx, w.cfg.Service, v4, v6)
+	}
+	res, err := w.cfg.Resolver.Lookup(ctx, w.cfg.Service, single == 4, single == 6)
+	if err != nil || len(res.Endpoints) > 0 {
+		return res, err
+	}
+	again, err := w.cfg.Resolver.Lookup(ctx, w.cfg.Service, v4, v6)
+	again.Queries += res.Queries
+	again.Truncated += res.Truncated
+	return again, err
 }
 
 // next computes the snapshot that follows prev after a lookup, logs what

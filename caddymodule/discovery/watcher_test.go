@@ -5,6 +5,7 @@ import (
 	"errors"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -288,4 +289,58 @@ func TestWatcherStopLeavesNoGoroutine(t *testing.T) {
 		w.Stop()
 	}
 	eventually(t, "goroutines back to the baseline", func() bool { return runtime.NumGoroutine() <= base })
+}
+
+// A v4-only Service is asked AAAA only every missingFamilyEvery-th lookup,
+// and is seen with its AAAA records within that many once it gets them; an
+// A set that empties is asked both at once, never emptied unasked.
+func TestMissingFamilyAskedRarely(t *testing.T) {
+	const lookups = 3 * missingFamilyEvery
+	srv := dnstest.Start(t, "web.bbs.svc.cluster.local. 5 IN A 10.0.0.1")
+	var aaaa atomic.Int64
+	srv.Hook(func(_ dns.ResponseWriter, q *dns.Msg) bool {
+		if q.Question[0].Qtype == dns.TypeAAAA {
+			aaaa.Add(1)
+		}
+		return false
+	})
+	w, _ := startWatcher(t, srv, "web:80", func(c *Config) { c.RefreshMin, c.RefreshMax = time.Millisecond, time.Millisecond })
+	waitSeq := func(seq uint64) *Snapshot {
+		t.Helper()
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			if s := w.Snapshot(); s != nil && s.Seq >= seq {
+				return s
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("lookup %d not reached", seq)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	s := waitSeq(lookups)
+	// Lookup 1 asks both, then one in missingFamilyEvery; a lookup may be
+	// under way (+1).
+	if got, max := aaaa.Load(), int64(s.Seq/missingFamilyEvery+2); got > max {
+		t.Fatalf("%d lookups asked AAAA %d times, want at most %d", s.Seq, got, max)
+	}
+	srv.MustSet(t, "web.bbs.svc.cluster.local. 5 IN A 10.0.0.1\nweb.bbs.svc.cluster.local. 5 IN AAAA fd00::1")
+	from := w.Snapshot().Seq
+	for s := waitSeq(from); !strings.Contains(dials(s.Endpoints), "[fd00::1]:80"); s = waitSeq(s.Seq + 1) {
+		if s.Seq > from+missingFamilyEvery+1 {
+			t.Fatalf("dual-stack not seen %d lookups later: %s", s.Seq-from, dials(s.Endpoints))
+		}
+	}
+	// Now v6 only: the A set empties, AAAA is asked at once.
+	srv.MustSet(t, "web.bbs.svc.cluster.local. 5 IN AAAA fd00::1")
+	waitSeq(w.Snapshot().Seq + 2)
+	srv.MustSet(t, "web.bbs.svc.cluster.local. 5 IN A 10.0.0.2")
+	from = w.Snapshot().Seq
+	for range 2 * missingFamilyEvery {
+		s := waitSeq(from + 1)
+		if len(s.Endpoints) == 0 {
+			t.Fatalf("lookup %d: no endpoints though 10.0.0.2 is in DNS", s.Seq)
+		}
+		from = s.Seq
+	}
 }
