@@ -18,7 +18,7 @@ type target struct {
 // headline leaves out: tuned settings, defaults that are not the usual choice).
 func col(name string) string {
 	switch {
-	case strings.Contains(name, "tuned") || strings.Contains(name, "default refresh 1m"):
+	case strings.Contains(name, "tuned") || strings.Contains(name, "default refresh 1m") || strings.Contains(name, "A/A"):
 		return ""
 	case strings.Contains(name, "(ours"):
 		return colOurs

@@ -310,16 +310,21 @@ const upstreamOpts = `		header_up X-Real-IP {remote_host}
 `
 
 // Caddy site bodies for the Service `app`.
-func ourProxy(extra string) string {
-	return fmt.Sprintf("\theadless_proxy %s:%s {\n\t\tresolvers %s\n%s%s\t}\n", appName, epPort, dnsAddr, extra, upstreamOpts)
+func ourProxy(extra string) string { return ourProxyFor(appName, extra) }
+
+func dynamicA(refresh string) string { return dynamicAFor(appName, refresh) }
+
+// Caddy site bodies for the Service name.
+func ourProxyFor(name, extra string) string {
+	return fmt.Sprintf("\theadless_proxy %s:%s {\n\t\tresolvers %s\n%s%s\t}\n", name, epPort, dnsAddr, extra, upstreamOpts)
 }
 
-func dynamicA(refresh string) string {
+func dynamicAFor(name, refresh string) string {
 	r := ""
 	if refresh != "" {
 		r = "\t\t\t\trefresh " + refresh + "\n"
 	}
-	return fmt.Sprintf("\treverse_proxy {\n\t\tdynamic a %s %s {\n\t\t\t\tresolvers %s\n%s\t\t}\n%s\t}\n", appName, epPort, dnsAddr, r, upstreamOpts)
+	return fmt.Sprintf("\treverse_proxy {\n\t\tdynamic a %s %s {\n\t\t\t\tresolvers %s\n%s\t\t}\n%s\t}\n", name, epPort, dnsAddr, r, upstreamOpts)
 }
 
 func staticProxy(eps ...string) string {
