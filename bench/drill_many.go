@@ -90,9 +90,12 @@ func drillMany(ctx context.Context, h *harness) (*section, error) {
 			"then over %s of %d requests/s spread evenly over the 500 routes (each Service asked about once a second).",
 			settle, win, win, rate),
 		tables: []*table{t},
-		notes: []string{"Ours runs one watcher (one goroutine) per Service and asks A and AAAA every second whether " +
-			"or not requests come: about 2 × 500 queries/s for 500 Services at the default refresh, which a real " +
-			"cluster DNS should be sized for (`refresh` and `versions ipv4` lower it). `dynamic a` asks only when " +
+		notes: []string{"Ours runs one watcher (one goroutine) per Service and asks DNS every second whether " +
+			"or not requests come. The Services here are IPv4-only, as in a single-stack cluster: while an answer has " +
+			"one address family, the other (AAAA here) is asked only every 30th lookup, so a Service that becomes " +
+			"dual-stack is seen within 30 s; about (1 + 1/30) × 500 queries/s for 500 Services at the default refresh " +
+			"(the refresh is shortened by up to 10% of jitter), which a real cluster DNS should be sized for (`refresh` " +
+			"and `versions ipv4` lower it further). `dynamic a` asks only when " +
 			"a request finds its cache entry older than `refresh`, on the request path, and its process-wide " +
 			"cache holds 100 names, so with 500 Services most requests look DNS up on the request path (fast here, " +
 			"where DNS answers at once; see drill 3 for when it does not)."},

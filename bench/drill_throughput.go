@@ -238,7 +238,7 @@ func drillThroughput(ctx context.Context, h *harness) (*section, error) {
 		}
 		h.stopAll()
 	}
-	notes = append(notes, "At 100 and 1,000 endpoints (127.0.7.1 onwards, one Go server each, same settings), 5 rounds of the three Caddys. "+
+	notes = append(notes, "At 100 and 1,000 endpoints (127.0.7.1 onwards, one Go server each, same settings): 5 rounds of the three Caddys (1 with -quick). "+
 		"`dynamic a` gets at most the 73 addresses one UDP reply holds (see section 1), so it balances over fewer endpoints.")
 	return &section{
 		intro: fmt.Sprintf("`wrk -t%d -c%d -d%ds --latency` against each proxy in turn, %d rounds (the proxies take turns, "+
