@@ -120,28 +120,47 @@ func handlerJSON(source, policy, name, resolver string, dials []string, extra st
 // requests to 1,000 endpoints each one gets Binomial(100,000, 1/1,000)
 // requests, mean 100, σ ≈ 10, under either. Both must stay within 6σ of the
 // mean (by luck, any of the 1,000 falls outside with a chance below 2e-6).
+// Simulated: Caddy's lb_policy picks from our source's upstreams or from
+// the full list, and no request is in flight (least_conn breaks its ties at
+// random, as it does among idle endpoints).
 func TestProxyPathSpread(t *testing.T) {
+	t.Parallel()
 	const n, requests = 1000, 100_000
 	zone, dials := zoneOf("spread", 5, n)
 	srv := dnstest.Start(t, zone)
 	mean, sigma := float64(requests)/n, math.Sqrt(requests*(1.0/n)*(1-1.0/n))
+	hosts := map[string]*reverseproxy.Host{} // as Caddy's per-address state
+	var all []*reverseproxy.Upstream
+	for _, d := range dials {
+		hosts[d] = new(reverseproxy.Host)
+		all = append(all, &reverseproxy.Upstream{Host: hosts[d], Dial: d})
+	}
+	r := httptest.NewRequest("GET", "http://app.example/", nil)
 	for _, policy := range []string{"random", "least_conn"} {
+		h := proxy(t, handlerJSON("headless", policy, "spread", srv.Addr, dials, ""), &noNetwork{})
 		for _, source := range []string{"static", "headless"} {
-			tr := &noNetwork{hits: map[string]int{}}
-			h := proxy(t, handlerJSON(source, policy, "spread", srv.Addr, dials, ""), tr)
+			hits := map[string]int{}
 			for range requests {
-				if code := serve(h); code != 200 {
-					t.Fatalf("%s %s: status %d", source, policy, code)
+				pool := all
+				if source == "headless" {
+					var err error
+					if pool, err = h.DynamicUpstreams.GetUpstreams(r); err != nil {
+						t.Fatal(err)
+					}
+					for _, u := range pool {
+						u.Host = hosts[u.Dial]
+					}
 				}
+				hits[h.LoadBalancing.SelectionPolicy.Select(pool, r, nil).Dial]++
 			}
 			var counts []int
 			for _, d := range dials {
-				counts = append(counts, tr.hits[d])
+				counts = append(counts, hits[d])
 			}
 			lo, hi := slices.Min(counts), slices.Max(counts)
 			t.Logf("%s/%s: requests per endpoint %d…%d, max/mean %.2f", source, policy, lo, hi, float64(hi)/mean)
-			if len(tr.hits) != n || float64(lo) < mean-6*sigma || float64(hi) > mean+6*sigma {
-				t.Errorf("%s/%s: %d endpoints got %d…%d requests, want all %d within %.0f±%.0f", source, policy, len(tr.hits), lo, hi, n, mean, 6*sigma)
+			if len(hits) != n || float64(lo) < mean-6*sigma || float64(hi) > mean+6*sigma {
+				t.Errorf("%s/%s: %d endpoints got %d…%d requests, want all %d within %.0f±%.0f", source, policy, len(hits), lo, hi, n, mean, 6*sigma)
 			}
 		}
 	}
@@ -152,36 +171,39 @@ func TestProxyPathSpread(t *testing.T) {
 // fraction f = 0.5, and the request fails with 503. Over 20,000 requests
 // that is Binomial(20,000, 1/256): mean 78, σ ≈ 8.8, checked to 6σ. A retry
 // is handed every endpoint, so with lb_retries no request fails; nor does
-// one with candidates all.
+// one with candidates all (without either, 5,000 requests would see about
+// 20 failures: none by luck has a chance of 3e-9).
 func TestProxyPathDownFraction(t *testing.T) {
-	const n, requests = 1000, 20_000
-	for i, tc := range []struct {
+	t.Parallel()
+	const n = 1000
+	zone, dials := zoneOf("halfdown", 6, n)
+	srv := dnstest.Start(t, zone)
+	down := map[string]bool{}
+	for i, d := range dials {
+		down[d] = i%2 == 1
+	}
+	// Caddy keeps the marks per address for the whole process: the down
+	// endpoints tried once under the first case stay marked for the others.
+	var mu sync.Mutex
+	tried := map[string]bool{}
+	tr := &noNetwork{down: func(d string) bool {
+		if down[d] {
+			mu.Lock()
+			tried[d] = true
+			mu.Unlock()
+		}
+		return down[d]
+	}}
+	for _, tc := range []struct {
 		name, extra, lb string
+		requests        int
 		lo, hi          float64
 	}{
-		{"candidates 8", "", "", 78 - 6*8.8, 78 + 6*8.8},
-		{"candidates 8, lb_retries 1", "", `,"retries":1`, 0, 0},
-		{"candidates all", `,"candidates":-1`, "", 0, 0},
+		{"candidates 8", "", "", 20_000, 78 - 6*8.8, 78 + 6*8.8},
+		{"candidates 8, lb_retries 1", "", `,"retries":1`, 5_000, 0, 0},
+		{"candidates all", `,"candidates":-1`, "", 5_000, 0, 0},
 	} {
-		// Caddy keeps the marks per address for the process: new ones per case.
-		name := fmt.Sprintf("halfdown%d", i)
-		zone, dials := zoneOf(name, 6+i, n)
-		srv := dnstest.Start(t, zone)
-		down := map[string]bool{}
-		for i, d := range dials {
-			down[d] = i%2 == 1
-		}
-		var mu sync.Mutex
-		tried := map[string]bool{}
-		tr := &noNetwork{down: func(d string) bool {
-			if down[d] {
-				mu.Lock()
-				tried[d] = true
-				mu.Unlock()
-			}
-			return down[d]
-		}}
-		body := handlerJSON("headless", "random", name, srv.Addr, dials, tc.extra)
+		body := handlerJSON("headless", "random", "halfdown", srv.Addr, dials, tc.extra)
 		body = strings.TrimSuffix(body, "}}") + tc.lb + `},"health_checks":{"passive":{"fail_duration":"1h","max_fails":1}}}`
 		h := proxy(t, body, tr)
 		// Until every down endpoint failed once and is marked down.
@@ -198,7 +220,7 @@ func TestProxyPathDownFraction(t *testing.T) {
 			serve(h)
 		}
 		failed := 0
-		for range requests {
+		for range tc.requests {
 			switch code := serve(h); code {
 			case 200:
 			case 503:
@@ -207,9 +229,9 @@ func TestProxyPathDownFraction(t *testing.T) {
 				t.Fatalf("%s: status %d", tc.name, code)
 			}
 		}
-		t.Logf("%s: %d of %d requests found no endpoint up", tc.name, failed, requests)
+		t.Logf("%s: %d of %d requests found no endpoint up", tc.name, failed, tc.requests)
 		if float64(failed) < tc.lo || float64(failed) > tc.hi {
-			t.Errorf("%s: %d of %d requests failed with 503, want %.0f…%.0f", tc.name, failed, requests, tc.lo, tc.hi)
+			t.Errorf("%s: %d of %d requests failed with 503, want %.0f…%.0f", tc.name, failed, tc.requests, tc.lo, tc.hi)
 		}
 	}
 }
