@@ -355,3 +355,31 @@ func (f *API) LeaseNames(ns string) []string {
 	sort.Strings(names)
 	return names
 }
+
+// BeforeRequest makes fn run before every request is answered ("verb",
+// "secrets"|"leases", object name), outside the fake's lock, so that fn
+// can change objects as another replica would.
+func (f *API) BeforeRequest(fn func(verb, resource, name string)) {
+	f.mu.Lock()
+	f.hook = fn
+	f.mu.Unlock()
+}
+
+// Mutate changes a stored object as another writer would: fn edits it (nil
+// fn deletes it) and it gets a new resourceVersion.
+func (f *API) Mutate(ns, resource, name string, fn func(obj map[string]any)) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	objs := f.objects[resource+"/"+ns]
+	o, ok := objs[name].(map[string]any)
+	if !ok {
+		return
+	}
+	if fn == nil {
+		delete(objs, name)
+		return
+	}
+	fn(o)
+	f.rv++
+	o["metadata"].(map[string]any)["resourceVersion"] = strconv.Itoa(f.rv)
+}
