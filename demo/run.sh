@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: the story of DESIGN.md end to end on loopback, no cluster needed.
+# `make demo`: the story of docs/design.md end to end on loopback, no cluster needed.
 #
 #   - a stand-in for the cluster's DNS (answers like CoreDNS) serving
 #     demo/run/cluster.zone, a copy of demo/cluster.zone you can edit live;
@@ -66,7 +66,14 @@ stop_all() {
 	[ "$check" = 1 ] || say "demo: stopped (DNS stand-in, endpoints, Caddy)"
 }
 trap stop_all EXIT
-trap 'exit 130' INT TERM
+# Ctrl-C is how the demo ends: everything stops and the script exits 0, so
+# `make demo` reports no error. An interrupted check, or TERM, is a failure.
+if [ "$check" = 1 ]; then
+	trap 'exit 130' INT
+else
+	trap 'exit 0' INT
+fi
+trap 'exit 143' TERM
 
 # The DNS stand-in reports every zone change: on the terminal, or in a log for checks.
 if [ "$check" = 1 ]; then
@@ -164,9 +171,15 @@ expect /signin "backend at 127.0.0.27:8004: GET /signin"
 expect /signout/all "backend at 127.0.0.27:8004: GET /signout/all"
 expect /apidocs "frontend at 127.0.0.57:8001: GET /apidocs"
 redirect=$(curl -s -o /dev/null -w '%{http_code} %{redirect_url}' --max-time 10 \
-	--resolve "$site:$DEMO_HTTP_PORT:127.0.0.1" "http://$site:$DEMO_HTTP_PORT/x") || true
-[[ $redirect == "308 https://$site"* ]] || fail "http:// did not redirect to https:// (got \"$redirect\")"
-say "ok   http:// redirects to https:// ($redirect)"
+	--resolve "$site:$DEMO_HTTP_PORT:127.0.0.1" "http://$site:$DEMO_HTTP_PORT/x?y=1") || true
+[ "$redirect" = "308 https://$site:$DEMO_HTTPS_PORT/x?y=1" ] ||
+	fail "http:// did not redirect to the demo's https:// port (got \"$redirect\", want \"308 https://$site:$DEMO_HTTPS_PORT/x?y=1\")"
+followed=$(curl -sS --fail -L --max-time 10 --cacert "$ca" --resolve "$site:$DEMO_HTTP_PORT:127.0.0.1" \
+	--resolve "$site:$DEMO_HTTPS_PORT:127.0.0.1" "http://$site:$DEMO_HTTP_PORT/x?y=1") ||
+	fail "following the http:// redirect failed"
+[[ $followed == *"frontend at 127.0.0.57:8001: GET /x?y=1"* ]] ||
+	fail "following the http:// redirect answered \"$followed\"; want the frontend's answer to GET /x?y=1"
+say "ok   http:// redirects to https:// on port $DEMO_HTTPS_PORT ($redirect), and following it reaches the frontend"
 
 sed -i 's/^;frontend/frontend/' "$zone"
 eventually "endpoint added in DNS: 127.0.0.58 answers /" answers_from / 127.0.0.58
