@@ -151,7 +151,7 @@ TTL %d s) runs inside the harness at %s, so a drill can stall it or change its r
 moment. Endpoints are Go HTTP servers inside the harness at 127.0.6.x:%s, each answering with its
 address. The proxies are child processes listening on %s: Caddy (every Caddy config carries the
 settings of `+"`Caddyfile.example`"+`: `+"`header_up X-Real-IP`"+`, keep-alive, `+"`max_fails 2`, `fail_duration 3s`, `lb_try_duration 3s`"+`),
-nginx with the story's configuration (DESIGN.md; `+"`worker_processes auto`"+`), HAProxy (`+"`nbthread 2`"+`,
+nginx with the story's configuration (docs/design.md; `+"`worker_processes auto`"+`), HAProxy (`+"`nbthread 2`"+`,
 `+"`resolvers`"+` + `+"`server-template`"+`, `+"`retries 3`, `option redispatch 1`"+`). Everything, load generator
 included, shares the same %d cores, so absolute numbers are low and noisy (a few %% between runs);
 compare rows within one table, which were measured minutes apart under the same conditions.

@@ -58,11 +58,16 @@ stop_all() {
 	trap - EXIT INT TERM
 	((${#pids[@]})) || return 0
 	kill -TERM "${pids[@]}" 2>/dev/null || true
-	# Whatever has not stopped after 5s is killed.
-	(sleep 5 && kill -KILL "${pids[@]}" 2>/dev/null) &
-	local watchdog=$!
+	# Whatever has not stopped after 5s is killed (no helper process is left behind).
+	local p alive
+	for _ in $(seq 50); do
+		alive=
+		for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+		[ -n "$alive" ] || break
+		sleep 0.1
+	done
+	kill -KILL "${pids[@]}" 2>/dev/null || true
 	wait "${pids[@]}" 2>/dev/null || true
-	kill "$watchdog" 2>/dev/null || true
 	[ "$check" = 1 ] || say "demo: stopped (DNS stand-in, endpoints, Caddy)"
 }
 trap stop_all EXIT
@@ -126,10 +131,17 @@ From another terminal, in $root:
   $curl_cmd https://$site:$DEMO_HTTPS_PORT/api/items
   $curl_cmd https://$site:$DEMO_HTTPS_PORT/signin
 
+  # http:// redirects to https:// on port $DEMO_HTTPS_PORT
+  curl -si --resolve $site:$DEMO_HTTP_PORT:127.0.0.1 http://$site:$DEMO_HTTP_PORT/x | grep -i ^location
+
 An endpoint becomes ready: remove the ";" before the 127.0.0.58 line of ${zone#"$root"/}
-(or: sed -i 's/^;frontend/frontend/' ${zone#"$root"/}), save, and repeat the first curl:
-within a second both frontends answer, without a reload. Delete the 127.0.0.57 line and only
-127.0.0.58 answers; delete both and / fails (no ready endpoints) while /api keeps working.
+(or: sed -i 's/^;frontend/frontend/' ${zone#"$root"/}), save, and count who answers /:
+within a second both frontends do, without a reload:
+
+  for i in \$(seq 10); do $curl_cmd -s https://$site:$DEMO_HTTPS_PORT/ | cut -d: -f1-2; done | sort | uniq -c
+
+Delete the 127.0.0.57 line and only 127.0.0.58 answers; delete both and / fails (no ready
+endpoints) while /api keeps working.
 
 EOF
 	wait
