@@ -25,7 +25,7 @@ export XCADDY_GO_BUILD_FLAGS="-v -trimpath -buildvcs=false -ldflags='-w -s' -tag
 # module graph as this checkout's go.mod); empty if it cannot be listed.
 total=$(go list -deps github.com/caddyserver/caddy/v2/cmd/caddy . 2>/dev/null | wc -l) || total=
 [ "$total" != 0 ] || total=
-echo "building Caddy $CADDY_VERSION with this checkout into $out (cold, with an empty Go build cache: ~10 min; progress every 20s)" >&2
+echo "building Caddy $CADDY_VERSION with this checkout into $out (with empty Go caches about 4 min on 2 cores; progress every 20s)" >&2
 # A pinned pseudo-version on the module side lets xcaddy replace an unpublished
 # module with this checkout (a plain "=path" asks the module proxy, which refuses it).
 XCADDY_SKIP_CLEANUP=0 "$xcaddy" build "$CADDY_VERSION" \

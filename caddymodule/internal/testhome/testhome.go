@@ -6,8 +6,8 @@
 // from $HOME or the XDG directories: setting the environment inside a test is
 // too late. Main points HOME and the XDG directories at a temporary directory
 // and computes both paths again, the way Caddy's own command does after loading
-// an env file; CheckNoWrites proves it by running the package's tests again
-// with HOME set to an empty directory.
+// an env file. CheckNoWrites proves it: it runs Caddy in a new process of the
+// test binary with HOME set to an empty directory, which must stay empty.
 package testhome
 
 import (
