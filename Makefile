@@ -27,8 +27,9 @@ test: lint unit check-example demo-check fuzz-smoke integration ## everything CI
 demo: ## the story on loopback: DNS stand-in, endpoints, Caddy over HTTPS; Ctrl-C stops it
 	./demo/run.sh
 
-demo-check: ## the demo without a terminal: requests, zone edits, followed changes checked
+demo-check: ## the demo without a terminal: requests, redirect, zone edits, followed changes; then Ctrl-C ends it cleanly
 	DEMO_CHECK=1 ./demo/run.sh
+	./scripts/demo-interrupt-check.sh
 
 check-example: ## caddy adapt + validate of Caddyfile.example with bin/caddy (built if stale)
 	./scripts/check-example.sh
