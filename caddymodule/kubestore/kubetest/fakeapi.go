@@ -302,11 +302,16 @@ func (f *API) Requests() []string {
 }
 
 // SecretNames lists the Secrets in ns.
-func (f *API) SecretNames(ns string) []string {
+func (f *API) SecretNames(ns string) []string { return f.names("secrets/" + ns) }
+
+// LeaseNames lists the Leases in ns.
+func (f *API) LeaseNames(ns string) []string { return f.names("leases/" + ns) }
+
+func (f *API) names(collection string) []string {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	var names []string
-	for n := range f.objects["secrets/"+ns] {
+	for n := range f.objects[collection] {
 		names = append(names, n)
 	}
 	sort.Strings(names)
@@ -315,21 +320,6 @@ func (f *API) SecretNames(ns string) []string {
 
 func pemOf(der []byte) []byte {
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
-}
-
-// SetLeaseHolder rewrites the holder of a Lease, as another replica taking
-// it over would (a new resourceVersion). It reports whether the Lease exists.
-func (f *API) SetLeaseHolder(ns, name, holder string) bool {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	o, ok := f.objects["leases/"+ns][name].(map[string]any)
-	if !ok {
-		return false
-	}
-	o["spec"].(map[string]any)["holderIdentity"] = holder
-	f.rv++
-	o["metadata"].(map[string]any)["resourceVersion"] = strconv.Itoa(f.rv)
-	return true
 }
 
 // LeaseHolder is the holder of a Lease, "" if there is no such Lease.
@@ -342,18 +332,6 @@ func (f *API) LeaseHolder(ns, name string) string {
 	}
 	h, _ := o["spec"].(map[string]any)["holderIdentity"].(string)
 	return h
-}
-
-// LeaseNames lists the Leases in ns.
-func (f *API) LeaseNames(ns string) []string {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	var names []string
-	for n := range f.objects["leases/"+ns] {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	return names
 }
 
 // BeforeRequest makes fn run before every request is answered ("verb",
