@@ -16,6 +16,7 @@ targets=(
 	./caddymodule/discovery:FuzzAnswer
 	./caddymodule:FuzzUnmarshalCaddyfile
 	./caddymodule:FuzzHeadlessProxy
+	./caddymodule/kubestore:FuzzObjectName
 )
 
 for t in "${targets[@]}"; do

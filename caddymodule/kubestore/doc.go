@@ -1,0 +1,15 @@
+// Package kubestore is a certmagic.Storage on Kubernetes: every key in a
+// Secret, every lock in a Lease, so that several Caddy replicas share one
+// ACME account, one certificate per name and each other's challenge tokens.
+// It knows certmagic and the Kubernetes REST API, not Caddy; the Caddy module
+// caddy.storage.k8s (package caddymodule) configures it.
+//
+// Files:
+//   - client.go: a small REST client (get, create, update, delete with
+//     preconditions, list by label) with the apiserver's Status in errors and
+//     a service-account token that is re-read as it rotates
+//   - names.go: keys and lock names → valid, injective object names and labels
+//   - storage.go: Store, Load, Delete, Exists, List, Stat
+//   - locks.go: Lock, TryLock, Unlock on Leases with a heartbeat
+//   - metrics.go: the caddy_headless_storage_* metrics
+package kubestore

@@ -1,0 +1,106 @@
+package kubestore_test
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore"
+	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore/kubetest"
+	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore/storagetest"
+)
+
+// The contract, on the in-process fake apiserver; the integration suite
+// runs the same on kube-apiserver.
+func TestContractOnFakeAPIServer(t *testing.T) {
+	f := kubetest.New(t, "caddy")
+	storagetest.Run(t, storagetest.Env{Config: func(t *testing.T) kubestore.Config { return f.Config("caddy") }})
+}
+
+func TestErrorsNameWhatWasRefused(t *testing.T) {
+	f := kubetest.New(t, "caddy")
+	cfg := f.Config("other-ns")
+	s, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = s.Store(context.Background(), "k", []byte("v"))
+	for _, want := range []string{"403", `"get"`, `"secrets"`, `"other-ns"`, "RBAC"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Fatalf("Store in a namespace the token may not use: %v; want it to name %s", err, want)
+		}
+	}
+	var ae *kubestore.APIError
+	if !errors.As(err, &ae) || ae.Code != 403 || ae.Verb != "get" || ae.Resource != "secrets" || ae.Namespace != "other-ns" {
+		t.Fatalf("error %#v is not an APIError for get secrets in other-ns", err)
+	}
+	if err := s.Ping(context.Background()); err == nil || !strings.Contains(err.Error(), `"list"`) {
+		t.Fatalf("Ping: %v, want the refused list named", err)
+	}
+}
+
+func TestTokenIsReadAgainAfter401(t *testing.T) {
+	f := kubetest.New(t, "caddy")
+	s, err := kubestore.New(f.Config("caddy"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := s.Store(ctx, "k", []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+	f.Rotate(t, true) // the kubelet wrote a new token; the old one is refused
+	if _, err := s.Load(ctx, "k"); err != nil {
+		t.Fatalf("Load after the token rotated: %v (the new token file was not read)", err)
+	}
+	f.Rotate(t, false) // the server refuses the token the file still has
+	_, err = s.Load(ctx, "k")
+	if err == nil || !strings.Contains(err.Error(), "401") || !strings.Contains(err.Error(), "token_file") {
+		t.Fatalf("Load with a refused token: %v, want a 401 error naming token_file", err)
+	}
+}
+
+func TestAPIServerDownFailsWithinTheContext(t *testing.T) {
+	f := kubetest.New(t, "caddy")
+	s, err := kubestore.New(f.Config("caddy"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.SetDown(true)
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	if err := s.Store(ctx, "k", []byte("v")); err == nil || !strings.Contains(err.Error(), "503") {
+		t.Fatalf("Store while the apiserver answers 503: %v", err)
+	}
+	f.Close() // now nobody answers at all
+	if _, err := s.Load(ctx, "k"); err == nil || !strings.Contains(err.Error(), "did not answer") {
+		t.Fatalf("Load with no apiserver: %v, want an error saying it did not answer", err)
+	}
+	if err := s.Lock(ctx, "l"); err == nil {
+		t.Fatal("Lock with no apiserver succeeded")
+	}
+	if ctx.Err() == nil {
+		<-ctx.Done()
+	}
+}
+
+func TestNewRejectsBadConfig(t *testing.T) {
+	f := kubetest.New(t, "caddy")
+	for name, edit := range map[string]func(c *kubestore.Config){
+		"prefix":         func(c *kubestore.Config) { c.Prefix = "Caddy_1" },
+		"namespace":      func(c *kubestore.Config) { c.Namespace = "" },
+		"lease_duration": func(c *kubestore.Config) { c.LeaseDuration = 1500 * time.Millisecond },
+		"renew_interval": func(c *kubestore.Config) { c.RenewInterval = c.LeaseDuration },
+		"endpoint":       func(c *kubestore.Config) { c.Endpoint = "127.0.0.1:6443" },
+		"ca_file":        func(c *kubestore.Config) { c.CAFile = "/nonexistent/ca.crt" },
+		"token_file":     func(c *kubestore.Config) { c.TokenFile = "/nonexistent/token" },
+	} {
+		c := f.Config("caddy")
+		edit(&c)
+		if _, err := kubestore.New(c, nil); err == nil || !strings.Contains(err.Error(), name) {
+			t.Errorf("%s: New = %v, want an error naming %s", name, err, name)
+		}
+	}
+}
