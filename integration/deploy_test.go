@@ -453,16 +453,6 @@ func lastLine(s string) string {
 func (s *suite) saKubeconfig(t *testing.T) (path, token string) {
 	t.Helper()
 	token = strings.TrimSpace(s.kubectl(t, "-n", deployNS, "create", "token", "caddy", "--duration=1h"))
-	var kc struct {
-		Clusters []struct {
-			Cluster struct {
-				Server string `json:"server"`
-			} `json:"cluster"`
-		} `json:"clusters"`
-	}
-	if err := json.Unmarshal([]byte(s.kubectl(t, "config", "view", "-o", "json")), &kc); err != nil || len(kc.Clusters) == 0 {
-		t.Fatalf("reading the suite's kubeconfig: %v", err)
-	}
 	path = filepath.Join(t.TempDir(), "kubeconfig")
 	body := fmt.Sprintf(`apiVersion: v1
 kind: Config
@@ -482,7 +472,7 @@ contexts:
     user: caddy
     namespace: %s
 current-context: caddy
-`, kc.Clusters[0].Cluster.Server, s.caFile, token, deployNS)
+`, s.apiServer(t), s.caFile, token, deployNS)
 	if err := os.WriteFile(path, []byte(body), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -569,4 +559,20 @@ func TestDeployRBAC(t *testing.T) {
 	if out, err := as("get", "secrets", "-n", "default"); err == nil || !strings.Contains(out, "Forbidden") {
 		t.Errorf("the ServiceAccount read Secrets of namespace default: %v\n%s", err, out)
 	}
+}
+
+// apiServer is the suite's kube-apiserver, https://127.0.0.1:port.
+func (s *suite) apiServer(t *testing.T) string {
+	t.Helper()
+	var kc struct {
+		Clusters []struct {
+			Cluster struct {
+				Server string `json:"server"`
+			} `json:"cluster"`
+		} `json:"clusters"`
+	}
+	if err := json.Unmarshal([]byte(s.kubectl(t, "config", "view", "-o", "json")), &kc); err != nil || len(kc.Clusters) == 0 {
+		t.Fatalf("reading the suite's kubeconfig: %v", err)
+	}
+	return kc.Clusters[0].Cluster.Server
 }
