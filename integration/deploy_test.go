@@ -231,6 +231,10 @@ func TestDeployManifests(t *testing.T) {
 	for _, k := range kustomizations {
 		t.Run(strings.ReplaceAll(k, "/", "_"), func(t *testing.T) {
 			dir := deployDir(k)
+			// A server-side dry run creates nothing, so the objects that
+			// go in the Namespace need it to exist already: plain, the
+			// real apply gives it its labels.
+			s.namespace(t, deployNS)
 			s.kubectl(t, "apply", "-k", dir, "--dry-run=server", "--validate=strict")
 			s.kubectl(t, "apply", "-k", dir, "--validate=strict")
 

@@ -170,9 +170,11 @@ func (s *suite) startPod(t *testing.T, image string, cfg imageConfig, cmDir, saD
 	if out, err := exec.Command("cp", "-al", image, root).CombinedOutput(); err != nil {
 		t.Fatalf("cp -al: %v\n%s", err, out)
 	}
-	saMount := filepath.Join(root, "var", "run", "secrets", "kubernetes.io", "serviceaccount")
-	if err := os.MkdirAll(saMount, 0o755); err != nil {
-		t.Fatal(err)
+	// Mount points the container runtime would make.
+	for _, d := range []string{"proc", "var/run/secrets/kubernetes.io/serviceaccount"} {
+		if err := os.MkdirAll(filepath.Join(root, filepath.FromSlash(d)), 0o755); err != nil {
+			t.Fatal(err)
+		}
 	}
 	chroot, err := exec.LookPath("chroot")
 	if err != nil {
@@ -188,6 +190,7 @@ mount --bind "$sa" "$r/var/run/secrets/kubernetes.io/serviceaccount"
 mount -o remount,bind,ro "$r/var/run/secrets/kubernetes.io/serviceaccount"
 for d in data config; do mount -t tmpfs -o uid=65532,gid=65532,mode=0755,size=64m tmpfs "$r/$d"; done
 mount -t tmpfs -o mode=1777,size=64m tmpfs "$r/tmp"
+mount -t proc proc "$r/proc"
 exec env -i "$@"`
 	args := []string{"--mount", "--propagation", "private", "sh", "-c", script, "sh", root, cmDir, saDir}
 	args = append(args, cfg.Config.Env...)

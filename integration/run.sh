@@ -8,10 +8,11 @@ set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
 # One suite per machine: it owns fixed network namespace names and addresses.
-# A second run waits here instead of killing the first one's processes.
+# A second run waits here instead of killing the first one's processes
+# (its own lock file: callers may hold /tmp/chl-e2e.lock around it).
 if [ -z "${CHL_E2E_LOCKED:-}" ] && command -v flock >/dev/null; then
 	export CHL_E2E_LOCKED=1
-	exec flock /tmp/chl-e2e.lock "$0" "$@"
+	exec flock /tmp/chl-e2e-suite.lock "$0" "$@"
 fi
 t0=$(date +%s)
 "$here/build-tools.sh"
