@@ -67,35 +67,27 @@ func (s *suite) startAPIServer() error {
 	if err := os.WriteFile(tokens, []byte(adminToken+`,e2e-admin,e2e-admin,"system:masters"`+"\n"), 0o600); err != nil {
 		return err
 	}
-	s.apiSrv, err = startProcess(s.dir, "kube-apiserver", nil, s.tool("kube-apiserver"),
-		"--etcd-servers="+s.etcdURL,
+	s.apiArgs = []string{
+		"--etcd-servers=" + s.etcdURL,
 		"--bind-address=127.0.0.1",
 		fmt.Sprintf("--secure-port=%d", port),
 		"--advertise-address=10.231.255.254",
-		"--cert-dir="+d,
-		"--tls-cert-file="+cert, "--tls-private-key-file="+key,
-		"--client-ca-file="+s.caFile,
-		"--token-auth-file="+tokens,
+		"--cert-dir=" + d,
+		"--tls-cert-file=" + cert, "--tls-private-key-file=" + key,
+		"--client-ca-file=" + s.caFile,
+		"--token-auth-file=" + tokens,
 		"--authorization-mode=RBAC", // storage k8s is tested as a service account bound to exactly its Role
-		"--service-account-key-file="+saPub,
-		"--service-account-signing-key-file="+saKey,
+		"--service-account-key-file=" + saPub,
+		"--service-account-signing-key-file=" + saKey,
 		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
 		"--service-cluster-ip-range=10.231.240.0/24",
 		"--endpoint-reconciler-type=none",
 		"--enable-priority-and-fairness=false",
 		"--watch-cache=true",
-	)
-	if err != nil {
-		return err
 	}
-	server := fmt.Sprintf("https://127.0.0.1:%d", port)
-	c := s.httpsClient()
-	if err := waitFor(120*time.Second, 500*time.Millisecond, func() error {
-		if s.apiSrv.exited() {
-			return fmt.Errorf("kube-apiserver exited: %v", s.apiSrv.err)
-		}
-		return httpOK(c, server+"/readyz", adminToken)
-	}); err != nil {
+	s.apiURL = fmt.Sprintf("https://127.0.0.1:%d", port)
+	server := s.apiURL
+	if err := s.runAPIServer(); err != nil {
 		return err
 	}
 	s.kubeconfig = filepath.Join(s.dir, "kubeconfig")
@@ -147,6 +139,7 @@ func (s *suite) startCoreDNS() error {
 	log
 	hosts {
 		127.0.0.1 %[5]s
+		127.0.0.12 `+replicaSite+` `+replicaSite2+`
 	}
 }
 
@@ -166,6 +159,22 @@ cluster.local:%[1]d {
 		return err
 	}
 	return s.runCoreDNS()
+}
+
+// runAPIServer starts kube-apiserver (again: same port, same etcd) and waits
+// until it is ready.
+func (s *suite) runAPIServer() error {
+	var err error
+	if s.apiSrv, err = startProcess(s.dir, "kube-apiserver", nil, s.tool("kube-apiserver"), s.apiArgs...); err != nil {
+		return err
+	}
+	c := s.httpsClient()
+	return waitFor(120*time.Second, 500*time.Millisecond, func() error {
+		if s.apiSrv.exited() {
+			return fmt.Errorf("kube-apiserver exited: %v", s.apiSrv.err)
+		}
+		return httpOK(c, s.apiURL+"/readyz", adminToken)
+	})
 }
 
 // runCoreDNS starts CoreDNS (again) with the suite's Corefile and waits until

@@ -30,6 +30,8 @@ type suite struct {
 	etcd    *process
 	etcdURL string
 	apiSrv  *process
+	apiArgs []string // to restart it as it was
+	apiURL  string   // https://127.0.0.1:port
 	coredns *process
 	pebble  *process
 
@@ -78,6 +80,9 @@ func requireSuite(t *testing.T) *suite {
 func TestMain(m *testing.M) {
 	if name := os.Getenv("E2E_VM_NAME"); name != "" {
 		runVMServer(name) // never returns
+	}
+	if cfg := os.Getenv("E2E_LOCK_HOLDER"); cfg != "" {
+		runLockHolder(cfg) // never returns
 	}
 	bin := os.Getenv("TOOLS_BIN")
 	if bin == "" {

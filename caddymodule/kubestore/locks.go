@@ -261,6 +261,18 @@ func (h *heldLock) lose(holder string) {
 		zap.String("holder", h.identity), zap.String("new_holder", holder))
 }
 
+// Holder is the current holder of the lock name, "" if it is free.
+func (s *Storage) Holder(ctx context.Context, name string) (string, error) {
+	l, err := s.api.getLease(ctx, objectName(s.cfg.Prefix, "lock", name))
+	if isNotFound(err) {
+		return "", nil
+	}
+	if err != nil {
+		return "", err
+	}
+	return l.Spec.HolderIdentity, nil
+}
+
 // ErrLockLost is returned by Unlock when the lock was taken over before it.
 var ErrLockLost = errors.New("lock was taken over by another holder")
 

@@ -33,7 +33,7 @@ type Config struct {
 
 	// Now is the wall clock written into objects (modified times, Lease
 	// times) for humans and for Stat. Expiry never depends on it. Nil: time.Now.
-	Now func() time.Time
+	Now func() time.Time `json:"-"`
 }
 
 // Storage is a certmagic.Storage (and TryLocker) on Kubernetes Secrets and

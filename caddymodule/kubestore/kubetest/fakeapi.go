@@ -32,7 +32,7 @@ import (
 // over 1 MiB, delete preconditions, label selectors, limit/continue, 401
 // for a wrong token and 403 outside the namespaces the token may use.
 type API struct {
-	t   *testing.T
+	t   testing.TB
 	srv *httptest.Server
 
 	tokenFile string // what the client reads
@@ -49,7 +49,7 @@ type API struct {
 	hook     func(verb, resource, name string) // called before every request, unlocked
 }
 
-func New(t *testing.T, namespaces ...string) *API {
+func New(t testing.TB, namespaces ...string) *API {
 	t.Helper()
 	f := &API{t: t, token: "token-1", allowed: map[string]bool{}, objects: map[string]map[string]any{}}
 	for _, ns := range namespaces {
@@ -272,7 +272,7 @@ func (f *API) list(w http.ResponseWriter, r *http.Request, objs map[string]any) 
 
 // Rotate makes the server accept only a new token; the token file changes
 // only if writeFile.
-func (f *API) Rotate(t *testing.T, writeFile bool) {
+func (f *API) Rotate(t testing.TB, writeFile bool) {
 	f.mu.Lock()
 	f.token += "x"
 	tok := f.token
