@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,6 +21,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
@@ -546,4 +549,28 @@ func TestRefusesBinaries(t *testing.T) {
 			t.Errorf("checkBinary(%s) = %v, want an error containing %q", c.bin, err, c.want)
 		}
 	}
+}
+
+// TestCranePush is the README's push command, `crane push bin/image REF`
+// (crane at the version of this module's go.mod), against a registry on
+// loopback: the registry then holds the image under the same digest, and
+// crane validates it there.
+func TestCranePush(t *testing.T) {
+	d, oci, _ := build(t, baseInputs(t), t.TempDir())
+	srv := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
+	defer srv.Close()
+	ref := strings.TrimPrefix(srv.URL, "http://") + "/caddy-headless:dev"
+	crane := func(args ...string) string {
+		t.Helper()
+		out, err := exec.Command("go", append([]string{"tool", "crane"}, args...)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("crane %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	crane("push", oci, ref)
+	if got := crane("digest", ref); got != d {
+		t.Errorf("crane digest %s = %s, the layout's image is %s", ref, got, d)
+	}
+	crane("validate", "--remote", ref)
 }
