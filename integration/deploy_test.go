@@ -580,3 +580,35 @@ func (s *suite) apiServer(t *testing.T) string {
 	}
 	return kc.Clusters[0].Cluster.Server
 }
+
+// The Role of deploy/base is the one the README documents for storage k8s
+// (which TestStorageContract runs the storage as): the same rules.
+func TestDeployRoleIsREADMEs(t *testing.T) {
+	rules := func(yaml string) string {
+		_, after, ok := strings.Cut(yaml, "\nrules:\n")
+		if !ok {
+			t.Fatalf("no rules in:\n%s", yaml)
+		}
+		body, _, _ := strings.Cut(after, "\n---")
+		var out []string
+		for _, line := range strings.Split(body, "\n") {
+			if line != "" && !strings.HasPrefix(line, " ") && !strings.HasPrefix(line, "-") {
+				break // the next top-level key
+			}
+			line = strings.NewReplacer(`"`, "", " ", "").Replace(line)
+			if line != "" {
+				out = append(out, line)
+			}
+		}
+		return strings.Join(out, "\n")
+	}
+	b, err := os.ReadFile(filepath.Join(deployDir("base"), "rbac.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, role, _ := strings.Cut(string(b), "\nkind: Role\n")
+	got, want := rules(role), rules(readmeRole(t))
+	if got != want {
+		t.Errorf("deploy/base/rbac.yaml's Role rules:\n%s\nthe README's:\n%s", got, want)
+	}
+}

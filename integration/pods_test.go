@@ -148,8 +148,46 @@ func (s *suite) imageRootfs(t *testing.T) (root string, cfg imageConfig) {
 // pod is one "pod" of the Deployment: the image's entrypoint in a chroot
 // of the image's root filesystem.
 type pod struct {
-	name, addr string
-	proc       *process
+	name, addr         string
+	proc               *process
+	root, cmDir, saDir string
+	cfg                imageConfig
+	env                []string
+}
+
+// podArgs are the arguments of unshare(1) that run argv in the pod's
+// filesystem as the image's user, with the image's and the pod's
+// environment only.
+func podArgs(t *testing.T, root, cmDir, saDir string, cfg imageConfig, env, argv []string) []string {
+	t.Helper()
+	chroot, err := exec.LookPath("chroot")
+	if err != nil {
+		t.Fatal(err)
+	}
+	script := `set -e
+r=$1 cm=$2 sa=$3; shift 3
+mount --bind "$r" "$r"
+mount -o remount,bind,ro "$r"
+mount --bind "$cm" "$r/etc/caddy"
+mount -o remount,bind,ro "$r/etc/caddy"
+mount --bind "$sa" "$r/var/run/secrets/kubernetes.io/serviceaccount"
+mount -o remount,bind,ro "$r/var/run/secrets/kubernetes.io/serviceaccount"
+for d in data config; do mount -t tmpfs -o uid=65532,gid=65532,mode=0755,size=64m tmpfs "$r/$d"; done
+mount -t tmpfs -o mode=1777,size=64m tmpfs "$r/tmp"
+mount -t proc proc "$r/proc"
+exec env -i "$@"`
+	args := []string{"--mount", "--propagation", "private", "sh", "-c", script, "sh", root, cmDir, saDir}
+	args = append(args, cfg.Config.Env...)
+	args = append(args, env...)
+	args = append(args, chroot, "--userspec="+cfg.Config.User, root)
+	return append(args, argv...)
+}
+
+// exec runs a command in the pod's filesystem and environment, as
+// `kubectl exec` would (the mounts are the same, made anew).
+func (p *pod) exec(t *testing.T, argv ...string) (string, error) {
+	t.Helper()
+	return run("unshare", podArgs(t, p.root, p.cmDir, p.saDir, p.cfg, p.env, argv)...)
 }
 
 // startPod runs the image as the kubelet would run the Deployment's pod,
@@ -176,32 +214,12 @@ func (s *suite) startPod(t *testing.T, image string, cfg imageConfig, cmDir, saD
 			t.Fatal(err)
 		}
 	}
-	chroot, err := exec.LookPath("chroot")
-	if err != nil {
-		t.Fatal(err)
-	}
-	script := `set -e
-r=$1 cm=$2 sa=$3; shift 3
-mount --bind "$r" "$r"
-mount -o remount,bind,ro "$r"
-mount --bind "$cm" "$r/etc/caddy"
-mount -o remount,bind,ro "$r/etc/caddy"
-mount --bind "$sa" "$r/var/run/secrets/kubernetes.io/serviceaccount"
-mount -o remount,bind,ro "$r/var/run/secrets/kubernetes.io/serviceaccount"
-for d in data config; do mount -t tmpfs -o uid=65532,gid=65532,mode=0755,size=64m tmpfs "$r/$d"; done
-mount -t tmpfs -o mode=1777,size=64m tmpfs "$r/tmp"
-mount -t proc proc "$r/proc"
-exec env -i "$@"`
-	args := []string{"--mount", "--propagation", "private", "sh", "-c", script, "sh", root, cmDir, saDir}
-	args = append(args, cfg.Config.Env...)
-	args = append(args, env...)
-	args = append(args, chroot, "--userspec="+cfg.Config.User, root)
-	args = append(args, cfg.Config.Entrypoint...)
+	args := podArgs(t, root, cmDir, saDir, cfg, env, cfg.Config.Entrypoint)
 	p, err := startProcess(s.dir, name, nil, "unshare", args...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	pd := &pod{name: name, addr: addr, proc: p}
+	pd := &pod{name: name, addr: addr, proc: p, root: root, cmDir: cmDir, saDir: saDir, cfg: cfg, env: env}
 	t.Cleanup(func() {
 		p.stop()
 		if t.Failed() {
@@ -374,6 +392,13 @@ func TestDeployPods(t *testing.T) {
 	}
 	if obtained != 1 {
 		t.Errorf("%d pods' logs say they obtained a certificate for %s: want exactly one order for three replicas", obtained, site)
+	}
+	// deploy/README.md's reload without a rollout, in the first pod.
+	if out, err := pods[0].exec(t, "caddy", "reload", "--config", "/etc/caddy/Caddyfile", "--force"); err != nil {
+		t.Errorf("caddy reload in %s: %v\n%s", pods[0].name, err, out)
+	}
+	if got := s.mustGet(t, s.podClient(pods[0]), "/"); got.VM != ui.name {
+		t.Errorf("%s after caddy reload: answered by %s", pods[0].name, got.VM)
 	}
 	secrets := s.kubectl(t, "-n", deployNS, "get", "secrets", "-o", "name")
 	t.Logf("Secrets of the storage:\n%s", secrets)
