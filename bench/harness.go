@@ -15,10 +15,10 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/internal/proc"
 )
 
 const (
@@ -224,12 +224,11 @@ func (e *endpoint) stop(grace time.Duration) {
 
 // proxy is a peer running as a child process of the harness.
 type proxy struct {
+	*proc.Process
 	name  string
 	url   string // http://127.0.6.1:port/
 	admin string // Caddy's admin address, host:port
-	cmd   *exec.Cmd
 	log   string
-	done  chan struct{}
 }
 
 func (h *harness) ports() (listen, admin string) {
@@ -248,21 +247,12 @@ func (h *harness) spawn(name, listen string, args ...string) (*proxy, error) {
 		return '-'
 	}, name)
 	logPath := filepath.Join(h.dir, fmt.Sprintf("%d-%s.log", time.Now().UnixNano(), slug))
-	f, err := os.Create(logPath)
+	pr, err := proc.Start(name, h.dir, logPath,
+		[]string{"HOME=" + h.dir, "XDG_DATA_HOME=" + h.dir + "/data", "XDG_CONFIG_HOME=" + h.dir + "/config"}, args[0], args[1:]...)
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(args[0], args[1:]...)
-	cmd.Stdout, cmd.Stderr = f, f
-	cmd.Dir = h.dir
-	cmd.Env = append(os.Environ(), "HOME="+h.dir, "XDG_DATA_HOME="+h.dir+"/data", "XDG_CONFIG_HOME="+h.dir+"/config")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("%s: %w", name, err)
-	}
-	p := &proxy{name: name, url: "http://" + listen + "/", cmd: cmd, log: logPath, done: make(chan struct{})}
-	go func() { cmd.Wait(); f.Close(); close(p.done) }()
+	p := &proxy{Process: pr, name: name, url: "http://" + listen + "/", log: logPath}
 	h.mu.Lock()
 	h.proxies = append(h.proxies, p)
 	h.mu.Unlock()
@@ -271,15 +261,7 @@ func (h *harness) spawn(name, listen string, args ...string) (*proxy, error) {
 
 // stop ends the proxy's process group (nginx and HAProxy workers included):
 // SIGTERM, then SIGKILL after 5s.
-func (p *proxy) stop() {
-	syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(5 * time.Second):
-		syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
-		<-p.done
-	}
-}
+func (p *proxy) stop() { p.Stop(5 * time.Second) }
 
 // waitReady polls path until it answers 200 (or 503/502 are fine when ok200 is false).
 func (p *proxy) waitReady(ctx context.Context, path string, timeout time.Duration) error {
@@ -288,7 +270,7 @@ func (p *proxy) waitReady(ctx context.Context, path string, timeout time.Duratio
 	var last string
 	for time.Now().Before(deadline) {
 		select {
-		case <-p.done:
+		case <-p.Done():
 			return fmt.Errorf("%s exited: %s", p.name, tail(p.log, 10))
 		case <-ctx.Done():
 			return ctx.Err()
@@ -310,14 +292,7 @@ func (p *proxy) waitReady(ctx context.Context, path string, timeout time.Duratio
 	return fmt.Errorf("%s not ready within %s (last: %s): %s", p.name, timeout, last, tail(p.log, 10))
 }
 
-func tail(path string, n int) string {
-	b, _ := os.ReadFile(path)
-	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
-}
+func tail(path string, n int) string { return proc.Tail(path, n, "") }
 
 // --- Caddy ---------------------------------------------------------------------
 
@@ -467,7 +442,7 @@ type procStats struct {
 
 func (p *proxy) stats() procStats {
 	var s procStats
-	s.rssMiB = rssMiB(p.cmd.Process.Pid)
+	s.rssMiB = rssMiB(p.Pid())
 	if m, err := p.metrics(); err == nil {
 		s.goroutines = int(m["go_goroutines"])
 		s.heapMiB = m["go_memstats_heap_inuse_bytes"] / (1 << 20)

@@ -1,7 +1,11 @@
 // Command bench runs caddy-headless's benchmarks and failure drills side by
-// side with its peers, on loopback, and writes BENCHMARKS.md (`make bench`):
+// side with its peers, on loopback, and writes BENCHMARKS.md (`make bench`,
+// which builds it as bin/bench and runs it in the checkout's root):
 //
-//	go run ./bench -caddy bin/caddy -out BENCHMARKS.md [-drills throughput,stall] [-quick]
+//	bin/bench -caddy bin/caddy -out BENCHMARKS.md [-drills throughput,stall] [-quick]
+//
+// It is a module of its own (go.mod beside this file, the plugin by a
+// replace), so its tools never reach the plugin's go.mod.
 //
 // Everything runs on 127.0.6.0/24: the cluster DNS stand-in (package dnstest,
 // in this process, so a drill can stall it or change its records at an exact

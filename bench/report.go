@@ -1,10 +1,12 @@
 package main
 
 import (
+	_ "embed"
 	"fmt"
 	"os"
 	"runtime"
 	"strings"
+	"text/template"
 	"time"
 )
 
@@ -114,7 +116,6 @@ func (h *harness) headlineTable() string {
 
 // report is the whole of BENCHMARKS.md.
 func (h *harness) report(sections []*section, took time.Duration, args []string) string {
-	var b strings.Builder
 	caddyVersion, _, _ := strings.Cut(versionOf(h.caddy, "version"), " ")
 	cmd := "make bench"
 	if len(args) > 0 {
@@ -125,48 +126,45 @@ func (h *harness) report(sections []*section, took time.Duration, args []string)
 				quoted[i] = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
 			}
 		}
-		cmd = "go run ./bench " + strings.Join(quoted, " ")
+		cmd = "bin/bench " + strings.Join(quoted, " ")
 	}
 	kernel, _ := os.ReadFile("/proc/sys/kernel/osrelease")
-	fmt.Fprintf(&b, `# Benchmarks and failure drills
+	info := reportInfo{
+		Cmd: cmd, Date: time.Now().UTC().Format("2006-01-02 15:04 UTC"), Took: took.Round(time.Second),
+		Cores: runtime.NumCPU(), CPU: cpuModel(), Kernel: strings.TrimSpace(string(kernel)), Go: runtime.Version(),
+		Caddy: caddyVersion, Source: h.source, Nginx: versionOf("nginx", "-v"), HAProxy: versionOf("haproxy", "-v"),
+		Wrk: versionOf("wrk", "--version"), TTL: zoneTTL, DNS: dnsAddr, EpPort: epPort, Host: host,
+		Headline: h.headlineTable(),
+	}
+	for _, sec := range sections {
+		info.Sections = append(info.Sections, sec.markdown())
+	}
+	return renderReport(info)
+}
 
-caddy-headless side by side with its peers, in one run on one machine, on loopback. Written by
-`+"`%s`"+`; `+"`make bench`"+` runs the same on the checkout, building `+"`bin/caddy`"+` first if it
-is stale. The harness is [`+"`bench/`"+`](bench/); it needs `+"`wrk`, `nginx` and `haproxy`"+` on the PATH
-(`+"`apt-get install wrk nginx haproxy`"+`) and runs them as its own processes, with generated configs.
-Run on %s; the whole run took %s.
+// reportTemplate is the prose of BENCHMARKS.md around the drills' tables.
+//
+//go:embed report.md.tmpl
+var reportTemplate string
 
-| machine | |
-|---|---|
-| CPU | %d cores (%s) |
-| kernel | Linux %s |
-| Go | %s |
-| Caddy | %s with this plugin, built from %s (the same binary runs `+"`headless_proxy`"+`, static upstreams and `+"`dynamic a`"+`) |
-| nginx | %s |
-| HAProxy | %s |
-| wrk | %s |
+// reportInfo is what the report's prose names: the command, the machine,
+// the peers' versions, the setup, and the drills' output.
+type reportInfo struct {
+	Cmd, Date                      string
+	Took                           time.Duration
+	Cores                          int
+	CPU, Kernel, Go, Caddy, Source string
+	Nginx, HAProxy, Wrk            string
+	TTL                            int
+	DNS, EpPort, Host              string
+	Headline                       string
+	Sections                       []string
+}
 
-**Setup.** The cluster DNS stand-in (package `+"`dnstest`"+`, answering like CoreDNS's kubernetes plugin,
-TTL %d s) runs inside the harness at %s, so a drill can stall it or change its records at an exact
-moment. Endpoints are Go HTTP servers inside the harness at 127.0.6.x:%s, each answering with its
-address. The proxies are child processes listening on %s: Caddy (every Caddy config carries the
-settings of `+"`Caddyfile.example`"+`: `+"`header_up X-Real-IP`"+`, keep-alive, `+"`max_fails 2`, `fail_duration 3s`, `lb_try_duration 3s`"+`),
-nginx with the story's configuration (DESIGN.md; `+"`worker_processes auto`"+`), HAProxy (`+"`nbthread 2`"+`,
-`+"`resolvers`"+` + `+"`server-template`"+`, `+"`retries 3`, `option redispatch 1`"+`). Everything, load generator
-included, shares the same %d cores, so absolute numbers are low and noisy (a few %% between runs);
-compare rows within one table, which were measured minutes apart under the same conditions.
-Nothing here is a pass/fail test.
-
-`, cmd, time.Now().UTC().Format("2006-01-02 15:04 UTC"), took.Round(time.Second),
-		runtime.NumCPU(), cpuModel(), strings.TrimSpace(string(kernel)), runtime.Version(),
-		caddyVersion, h.source, versionOf("nginx", "-v"), versionOf("haproxy", "-v"), versionOf("wrk", "--version"),
-		zoneTTL, dnsAddr, epPort, host, runtime.NumCPU())
-	b.WriteString("## Summary\n\nThe headline of each drill (details, and the variants left out here, in its section below).\n\n")
-	b.WriteString(h.headlineTable())
-	b.WriteString("\n")
-	for _, s := range sections {
-		b.WriteString(s.markdown())
-		b.WriteString("\n")
+func renderReport(info reportInfo) string {
+	var b strings.Builder
+	if err := template.Must(template.New("report").Parse(reportTemplate)).Execute(&b, info); err != nil {
+		panic(err) // the template is part of the program
 	}
 	return b.String()
 }

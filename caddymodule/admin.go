@@ -234,90 +234,71 @@ func writeStatus(w http.ResponseWriter, entries []selected) error {
 	return enc.Encode(out)
 }
 
-// statusOf describes a watcher from its configuration and current snapshot.
+// statusOf translates a watcher's Status into the admin API's terms.
 func statusOf(w *discovery.Watcher, users int) WatcherStatus {
-	cfg := w.Config()
-	svc := cfg.Service
-	st := WatcherStatus{
+	st := w.Status()
+	cfg, svc := st.Config, st.Config.Service
+	out := WatcherStatus{
 		Service:           svc.String(),
 		Ref:               svc.Ref,
 		FQDN:              svc.FQDN,
 		QName:             svc.QName(),
 		Port:              svc.Port,
 		PortName:          svc.PortName,
-		Resolvers:         slices.Clone(cfg.Resolver.Servers),
-		Status:            "pending",
+		Resolvers:         append([]string{}, cfg.Resolver.Servers...),
+		Status:            string(st.State),
 		Endpoints:         []EndpointStatus{},
 		StaleLimitSeconds: cfg.Stale.Seconds(),
 		Users:             users,
 	}
-	if st.Resolvers == nil {
-		st.Resolvers = []string{}
-	}
 	if cfg.IPv4 {
-		st.IPVersions = append(st.IPVersions, "ipv4")
+		out.IPVersions = append(out.IPVersions, "ipv4")
 	}
 	if cfg.IPv6 {
-		st.IPVersions = append(st.IPVersions, "ipv6")
+		out.IPVersions = append(out.IPVersions, "ipv6")
 	}
 	switch {
 	case svc.SRV():
-		st.RecordTypes = []string{"SRV"}
+		out.RecordTypes = []string{"SRV"}
 	default:
 		if cfg.IPv4 {
-			st.RecordTypes = append(st.RecordTypes, "A")
+			out.RecordTypes = append(out.RecordTypes, "A")
 		}
 		if cfg.IPv6 {
-			st.RecordTypes = append(st.RecordTypes, "AAAA")
+			out.RecordTypes = append(out.RecordTypes, "AAAA")
 		}
 	}
-	s := w.Snapshot()
+	s := st.Snapshot
 	if s == nil {
-		return st
+		return out
 	}
-	p := w.Prober()
-	var view *discovery.HealthView
-	if p != nil {
-		view = p.View()
-		st.HealthChecks = &HealthStatus{Panic: view.Panic}
+	if h := st.Health; h != nil {
+		out.HealthChecks = &HealthStatus{Healthy: h.Eligible, Panic: h.Panic}
 	}
-	for _, e := range s.Endpoints {
+	for i, e := range s.Endpoints {
 		es := EndpointStatus{Address: e.Dial, IP: e.IP.String(), Port: e.Port, Target: e.Target}
-		if p != nil {
-			h, _ := p.Health(e.Dial)
+		if st.Health != nil {
+			h := st.Health.Endpoints[i]
 			es.Health, es.LastCheck = h.State.String(), h.LastCheck
 			if h.LastError != nil {
 				es.LastError = h.LastError.Error()
 			}
-			if view.IsEligible(e.Dial) {
-				st.HealthChecks.Healthy++
-			}
 		}
-		st.Endpoints = append(st.Endpoints, es)
+		out.Endpoints = append(out.Endpoints, es)
 	}
-	st.Outcome = string(s.Outcome)
-	st.Server = s.Server
-	st.TTLSeconds = s.TTL.Seconds()
-	st.ResolvedAt = s.Resolved
+	out.Outcome = string(s.Outcome)
+	out.Server = s.Server
+	out.TTLSeconds = s.TTL.Seconds()
+	out.ResolvedAt = s.Resolved
 	if s.Err != nil {
-		st.Error = s.Err.Error()
+		out.Error = s.Err.Error()
 	}
-	st.ErrorAt = s.ErrAt
-	st.Stale, st.StaleSince = s.Stale(), s.StaleSince
-	st.Expired = s.Expired
-	st.NextRefresh = s.Next
-	st.Lookups = s.Seq
-	switch {
-	case s.Err == nil && len(s.Endpoints) > 0:
-		st.Status = "ok"
-	case s.Err == nil:
-		st.Status = "empty"
-	case len(s.Endpoints) > 0:
-		st.Status = "stale"
-	default:
-		st.Status = "failing"
-	}
-	return st
+	out.ErrorAt = s.ErrAt
+	out.Stale, out.StaleSince = s.Stale(), s.StaleSince
+	out.Expired = s.Expired
+	out.NextRefresh = s.Next
+	out.Lookups = s.Seq
+	return out
 }
 
 func methodNotAllowed(w http.ResponseWriter, r *http.Request, allow string) error {

@@ -330,19 +330,21 @@ func TestAdminStaleAfterFailure(t *testing.T) {
 
 func TestAdminStaleLimitExpires(t *testing.T) {
 	dnsSrv := dnstest.Start(t, frontendZone)
-	// The stale bound is counted from the first failure; a tiny one drops the
-	// endpoints at the next failed lookup.
+	// The stale bound is counted from the first failure; the watcher looks up
+	// again when it passes (on its own) and drops the endpoints. (Not 1ns:
+	// that retry would come at once and race the first answer below.)
 	c := startAdminCaddy(t, []upstream{{service: frontend, resolvers: []string{dnsSrv.Addr},
-		extra: map[string]any{"stale": "1ns"}}})
+		extra: map[string]any{"stale": "500ms"}}})
 	c.one(frontend)
 
 	dnsSrv.Fail(dns.RcodeServerFailure)
 	if got := c.one(frontend); got.Status != "stale" || got.Expired {
 		t.Fatalf("first failure: %s", toJSON(got))
 	}
-	got := c.one(frontend)
-	if got.Status != "failing" || !got.Expired || len(got.Endpoints) != 0 || got.StaleLimitSeconds != 1e-9 ||
-		!strings.Contains(got.Error, "SERVFAIL") {
+	var got WatcherStatus
+	eventually(t, "the stale bound to pass", func() bool { got = c.one(frontend); return got.Expired })
+	if got.Status != "failing" || len(got.Endpoints) != 0 || got.StaleLimitSeconds != 0.5 ||
+		!strings.Contains(got.Error, "SERVFAIL") || got.ErrorAt.Sub(got.StaleSince) < 500*time.Millisecond {
 		t.Fatalf("past the stale bound: %s", toJSON(got))
 	}
 	c.metrics().expect(t, `caddy_headless_endpoints{service="`+frontend+`"}`, 0)

@@ -4,9 +4,7 @@ package caddymodule
 
 import (
 	"fmt"
-	"math/rand/v2"
 	"net/http"
-	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -96,7 +94,7 @@ type Headless struct {
 
 	key     string
 	watcher *discovery.Watcher
-	timeout time.Duration
+	detach  func() // the watcher's logging through this config
 }
 
 // CaddyModule returns the Caddy module information.
@@ -122,21 +120,17 @@ func (h *Headless) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	h.timeout = cfg.Resolver.Timeout
-	h.key = watcherKey(cfg)
+	h.key = cfg.Key()
 	val, _, err := watchers.LoadOrNew(h.key, func() (caddy.Destructor, error) {
-		stats := lookupStatsFor(h.key)
-		cfg.OnLookup = stats.observe
-		if cfg.Health != nil {
-			cfg.Health.OnCheck = stats.observeCheck
-		}
 		return discovery.Start(cfg, ctx.Logger()), nil
 	})
 	if err != nil {
 		return err
 	}
 	h.watcher = val.(*discovery.Watcher)
-	h.watcher.SetLogger(ctx.Logger())
+	// Until Cleanup: if this config fails to load, logging goes back to the
+	// config that runs.
+	h.detach = h.watcher.AttachLogger(ctx.Logger())
 	if err := checkSlowStartPolicy(ctx.Modules(), h.SlowStart); err != nil {
 		return fmt.Errorf("headless %s: %w", h.Service, err)
 	}
@@ -178,12 +172,6 @@ func (h *Headless) config() (discovery.Config, error) {
 		}
 		res.Servers = append(res.Servers, addr)
 	}
-	if res.Timeout == 0 {
-		res.Timeout = discovery.DefaultTimeout
-	}
-	if res.UDPSize == 0 {
-		res.UDPSize = discovery.DefaultUDPSize
-	}
 	cfg := discovery.Config{
 		Service:    svc,
 		IPv4:       true,
@@ -209,12 +197,8 @@ func (h *Headless) config() (discovery.Config, error) {
 		cfg.IPv4 = v.IPv4 != nil && *v.IPv4
 		cfg.IPv6 = v.IPv6 != nil && *v.IPv6
 	}
-	if cfg.RefreshMin == 0 {
-		cfg.RefreshMin = time.Second
-	}
-	if cfg.RefreshMax == 0 {
-		cfg.RefreshMax = cfg.RefreshMin
-	}
+	cfg = cfg.WithDefaults()
+	res = cfg.Resolver
 	switch {
 	case !cfg.IPv4 && !cfg.IPv6:
 		return cfg, fmt.Errorf("headless %s: versions: enable ipv4, ipv6 or both", h.Service)
@@ -230,101 +214,26 @@ func (h *Headless) config() (discovery.Config, error) {
 	return cfg, nil
 }
 
-// watcherKey identifies a question and how it is asked: equal keys share a watcher.
-func watcherKey(c discovery.Config) string {
-	key := fmt.Sprintf("%s port=%d v4=%t v6=%t servers=%s timeout=%s udp=%d refresh=%s-%s stale=%s",
-		c.Service.QName(), c.Service.Port, c.IPv4, c.IPv6, strings.Join(c.Resolver.Servers, ","),
-		c.Resolver.Timeout, c.Resolver.UDPSize, c.RefreshMin, c.RefreshMax, c.Stale)
-	if c.Health != nil {
-		// Health state is shared only by handlers that probe the same way.
-		key += " health: " + c.Health.Key()
-	}
-	return key
-}
-
-// GetUpstreams returns the current endpoints as fresh upstreams (Caddy writes
-// into them), in one allocation for all of them. It reads an immutable
-// snapshot; it waits for DNS only if this Service was never resolved yet.
+// GetUpstreams returns the endpoints the watcher picks for this request as
+// fresh upstreams (Caddy writes into them), in one allocation for all of them.
+// It waits for DNS only if this Service was never resolved yet.
 func (h *Headless) GetUpstreams(r *http.Request) ([]*reverseproxy.Upstream, error) {
-	s := h.watcher.Snapshot()
-	if s == nil {
-		s = h.watcher.Wait(r.Context(), h.timeout)
-		if s == nil {
-			return nil, fmt.Errorf("service %s: %w within %s", h.watcher.Config().Service, discovery.ErrNotResolved, h.timeout)
-		}
+	eps, err := h.watcher.Endpoints(r.Context())
+	if err != nil {
+		return nil, err
 	}
-	if len(s.Endpoints) == 0 {
-		return nil, s.Unavailable
-	}
-	eps := s.Endpoints
-	var view *discovery.HealthView
-	if p := h.watcher.Prober(); p != nil {
-		view = p.View()
-		var err error
-		if eps, err = eligibleEndpoints(s, view); err != nil {
-			return nil, err
-		}
-	}
-	return upstreamsOf(eps, view, rand.Float64), nil
+	return upstreamsOf(eps), nil
 }
 
-// upstreamsOf returns fresh upstreams for eps, in one block. During a slow
-// start each ramping endpoint is left out of the list with the probability
-// 1 - its share (coin draws in [0,1)), which makes it that much less likely
-// to be picked by random, round robin or least_conn; at least one is kept.
-func upstreamsOf(eps []discovery.Endpoint, v *discovery.HealthView, coin func() float64) []*reverseproxy.Upstream {
+// upstreamsOf returns fresh upstreams for eps, in one block.
+func upstreamsOf(eps []discovery.Endpoint) []*reverseproxy.Upstream {
 	block := make([]reverseproxy.Upstream, len(eps))
-	ups := make([]*reverseproxy.Upstream, 0, len(eps))
-	// Ramp only over the view's own list (not a filtered copy), and never
-	// when a single endpoint is eligible.
-	var now time.Time
-	ramping := v != nil && v.Ramp != nil && len(eps) > 1 && len(eps) == len(v.Eligible) && &eps[0] == &v.Eligible[0]
-	if ramping {
-		now = time.Now()
-		ramping = now.Before(v.RampUntil)
-	}
+	ups := make([]*reverseproxy.Upstream, len(eps))
 	for i := range eps {
-		if ramping {
-			if share := v.Share(i, now); share < 1 && coin() >= share {
-				continue
-			}
-		}
-		n := len(ups)
-		block[n].Dial = eps[i].Dial
-		ups = append(ups, &block[n])
-	}
-	if len(ups) == 0 {
-		for i := range eps {
-			block[i].Dial = eps[i].Dial
-			ups = append(ups, &block[i])
-		}
+		block[i].Dial = eps[i].Dial
+		ups[i] = &block[i]
 	}
 	return ups
-}
-
-// eligibleEndpoints are the endpoints of s that requests may go to: those
-// that pass health checks; if none does, all of them (fail open) or an error
-// (fail fast).
-func eligibleEndpoints(s *discovery.Snapshot, v *discovery.HealthView) ([]discovery.Endpoint, error) {
-	eps := v.Eligible
-	if v.Seq != s.Seq {
-		// DNS answered again since the view was made (a moment ago): filter
-		// this snapshot by the view, so no endpoint that left DNS is handed out.
-		eps = nil
-		for _, e := range s.Endpoints {
-			if v.IsEligible(e.Dial) {
-				eps = append(eps, e)
-			}
-		}
-	}
-	switch {
-	case len(eps) > 0:
-		return eps, nil
-	case v.FailFast:
-		return nil, fmt.Errorf("service %s: none of its %d endpoints passes health checks (fail_fast is set): %w; GET /headless/ shows each one's last error",
-			s.Service, len(s.Endpoints), discovery.ErrNoneHealthy)
-	}
-	return s.Endpoints, nil
 }
 
 // ResetCache is called by reverse_proxy before retrying a failed request. It
@@ -337,6 +246,9 @@ func (h *Headless) ResetCache(*http.Request) error {
 
 // Cleanup releases the shared watcher; the last user stops it.
 func (h *Headless) Cleanup() error {
+	if h.detach != nil {
+		h.detach()
+	}
 	if h.key == "" {
 		return nil
 	}

@@ -341,39 +341,6 @@ func TestHandlerHealthWarning(t *testing.T) {
 	}
 }
 
-// During a slow start a ramping endpoint is left out of the list with the
-// probability 1 - its share; never when it is the only eligible one; at least
-// one endpoint always remains.
-func TestSlowStartUpstreams(t *testing.T) {
-	now := time.Now()
-	eps := []discovery.Endpoint{{Dial: "10.0.0.1:80"}, {Dial: "10.0.0.2:80"}, {Dial: "10.0.0.3:80"}}
-	half := now.Add(-30 * time.Minute) // halfway through a 1h ramp: share 0.5
-	v := &discovery.HealthView{Eligible: eps, Ramp: []time.Time{{}, half, {}}, SlowStart: time.Hour, RampUntil: half.Add(time.Hour)}
-	coin := func(x float64) func() float64 { return func() float64 { return x } }
-	cases := []struct {
-		name string
-		eps  []discovery.Endpoint
-		v    *discovery.HealthView
-		coin float64
-		want string
-	}{
-		{"coin under the share", v.Eligible, v, 0.4, "10.0.0.1:80 10.0.0.2:80 10.0.0.3:80"},
-		{"coin over the share", v.Eligible, v, 0.6, "10.0.0.1:80 10.0.0.3:80"},
-		{"no health checks", eps, nil, 0.99, "10.0.0.1:80 10.0.0.2:80 10.0.0.3:80"},
-		{"ramp over", v.Eligible, &discovery.HealthView{Eligible: eps, Ramp: v.Ramp, SlowStart: time.Hour, RampUntil: now.Add(-time.Second)}, 0.99,
-			"10.0.0.1:80 10.0.0.2:80 10.0.0.3:80"},
-		{"only one eligible", eps[1:2], &discovery.HealthView{Eligible: eps[1:2], Ramp: v.Ramp[1:2], SlowStart: time.Hour, RampUntil: v.RampUntil}, 0.99,
-			"10.0.0.2:80"},
-		{"all ramping, none drawn", eps[1:3], &discovery.HealthView{Eligible: eps[1:3], Ramp: []time.Time{half, half}, SlowStart: time.Hour, RampUntil: v.RampUntil}, 0.99,
-			"10.0.0.2:80 10.0.0.3:80"},
-	}
-	for _, c := range cases {
-		if got := dialsOf(upstreamsOf(c.eps, c.v, coin(c.coin))); got != c.want {
-			t.Errorf("%s: [%s], want [%s]", c.name, got, c.want)
-		}
-	}
-}
-
 // slow_start needs health checks, and is refused under hashing lb_policy choices.
 func TestSlowStartConfig(t *testing.T) {
 	h := &Headless{Service: "app.bbs:8080", Resolvers: []string{"127.0.0.1"}, SlowStart: caddy.Duration(time.Minute)}

@@ -2,7 +2,6 @@ package caddymodule
 
 import (
 	"errors"
-	"slices"
 	"sync"
 	"time"
 
@@ -16,10 +15,9 @@ import (
 // `metrics` handler) from the registry of the config that uses the watchers.
 //
 // Watchers outlive configs (a reload keeps them running) but a registry belongs
-// to one config. So lookups are counted per watcher, in lookupStats fed by the
-// watcher's OnLookup hook and kept across reloads (counters never go back),
-// and each config's registry gets one serviceCollector that reads the counters
-// and the live snapshots of the watchers that config uses, at scrape time.
+// to one config. So the watchers count (discovery.Stats, kept across reloads),
+// and each config's registry gets one serviceCollector that translates the
+// Status of each watcher that config uses, at scrape time.
 
 // maxServiceLabels bounds the number of distinct `service` label values one
 // config exports; the watchers beyond it are reported together as
@@ -28,11 +26,6 @@ const maxServiceLabels = 200
 
 // otherService is the label value of the watchers beyond maxServiceLabels.
 const otherService = "_other"
-
-// durationBuckets are the upper bounds, in seconds, of the lookup duration
-// histogram: in-cluster DNS answers in about a millisecond; a dead server costs
-// dial_timeout (2s by default) per attempt.
-var durationBuckets = []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
 
 var (
 	descLookups = prometheus.NewDesc("caddy_headless_lookups_total",
@@ -84,86 +77,6 @@ var healthDescs = []*prometheus.Desc{descChecks, descTransitions, descHealthy, d
 var allDescs = append([]*prometheus.Desc{descLookups, descQueries, descTruncated, descDropped,
 	descDuration, descEndpoints, descSinceSuccess, descStale}, healthDescs...)
 
-// outcomeIndex maps each discovery.Outcome to its slot in lookupStats.outcomes.
-var outcomeIndex = func() map[discovery.Outcome]int {
-	m := make(map[discovery.Outcome]int, len(discovery.Outcomes))
-	for i, o := range discovery.Outcomes {
-		m[o] = i
-	}
-	return m
-}()
-
-// lookupStats counts the lookups of one watcher: its goroutine writes once
-// per lookup, scrapes read. A mutex keeps the histogram's buckets, count and
-// sum consistent with each other.
-type lookupStats struct {
-	mu                          sync.Mutex
-	outcomes                    []uint64 // by outcomeIndex
-	queries, truncated, dropped uint64
-	buckets                     []uint64 // by durationBuckets, not cumulative; the last is +Inf
-	count                       uint64
-	sum                         float64 // seconds
-
-	// Health checks, fed by the prober's OnCheck hook.
-	passes, fails, toHealthy, toUnhealthy uint64
-}
-
-// observeCheck is the prober's OnCheck hook.
-func (s *lookupStats) observeCheck(ev discovery.CheckEvent) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if ev.Passed {
-		s.passes++
-	} else {
-		s.fails++
-	}
-	switch {
-	case ev.Changed && ev.State == discovery.Healthy:
-		s.toHealthy++
-	case ev.Changed && ev.State == discovery.Unhealthy:
-		s.toUnhealthy++
-	}
-}
-
-func newLookupStats() *lookupStats {
-	return &lookupStats{
-		outcomes: make([]uint64, len(discovery.Outcomes)),
-		buckets:  make([]uint64, len(durationBuckets)+1),
-	}
-}
-
-// statsByKey holds the lookupStats of every watcher key ever provisioned, so a
-// watcher stopped and started again (same key) keeps counting where it left
-// off. It grows with the number of distinct questions configured, not with
-// reloads.
-var statsByKey sync.Map // watcher key → *lookupStats
-
-// lookupStatsFor returns the counters of the watcher with the given key.
-func lookupStatsFor(key string) *lookupStats {
-	if s, ok := statsByKey.Load(key); ok {
-		return s.(*lookupStats)
-	}
-	s, _ := statsByKey.LoadOrStore(key, newLookupStats())
-	return s.(*lookupStats)
-}
-
-// observe is the watcher's OnLookup hook.
-func (s *lookupStats) observe(ev discovery.LookupEvent) {
-	sec := ev.Duration.Seconds()
-	b, _ := slices.BinarySearch(durationBuckets, sec) // first bound >= sec, or the +Inf slot
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if i, ok := outcomeIndex[ev.Outcome]; ok {
-		s.outcomes[i]++
-	}
-	s.queries += uint64(max(ev.Result.Queries, 0))
-	s.truncated += uint64(max(ev.Result.Truncated, 0))
-	s.dropped += uint64(max(ev.Result.Dropped, 0))
-	s.buckets[b]++
-	s.count++
-	s.sum += sec
-}
-
 // serviceCollector exports the watchers one config uses. One is registered on
 // each config's registry; every Headless of that config adds its watcher.
 type serviceCollector struct {
@@ -177,7 +90,6 @@ type serviceCollector struct {
 type member struct {
 	service string // label value: discovery.Service.String()
 	watcher *discovery.Watcher
-	stats   *lookupStats
 }
 
 func newServiceCollector() *serviceCollector {
@@ -215,7 +127,7 @@ func (c *serviceCollector) add(key string, w *discovery.Watcher) {
 		return
 	}
 	c.keys[key] = true
-	c.members = append(c.members, member{service: w.Config().Service.String(), watcher: w, stats: lookupStatsFor(key)})
+	c.members = append(c.members, member{service: w.Config().Service.String(), watcher: w})
 }
 
 // Describe implements prometheus.Collector.
@@ -231,21 +143,16 @@ func (c *serviceCollector) Describe(ch chan<- *prometheus.Desc) {
 // Counters add up; the gauges show the worst watcher (fewest endpoints, oldest
 // answer, stale if any is).
 type serviceSeries struct {
-	outcomes                    []uint64
-	queries, truncated, dropped uint64
-	buckets                     []uint64
-	count                       uint64
-	sum                         float64
+	stats discovery.Stats // summed
 
 	endpoints    int
 	sinceSuccess float64 // -1 until one of the watchers has had an answer
 	stale        bool
 	watchers     int
 
-	health                                bool // one of the watchers has health checks
-	passes, fails, toHealthy, toUnhealthy uint64
-	healthy                               int // fewest among the watchers with health checks
-	panic                                 bool
+	health  bool // one of the watchers has health checks
+	healthy int  // fewest among the watchers with health checks
+	panic   bool
 }
 
 // Collect implements prometheus.Collector.
@@ -266,31 +173,31 @@ func (c *serviceCollector) Collect(ch chan<- prometheus.Metric) {
 		s := series[label]
 		if s == nil {
 			s = &serviceSeries{
-				outcomes:     make([]uint64, len(discovery.Outcomes)),
-				buckets:      make([]uint64, len(durationBuckets)+1),
+				stats:        discovery.NewStats(),
 				sinceSuccess: -1,
 			}
 			series[label] = s
 			order = append(order, label)
 		}
-		s.add(m, now)
+		s.add(m.watcher.Status(), now)
 	}
 
 	for _, label := range order {
 		s := series[label]
-		for i, o := range discovery.Outcomes {
-			ch <- prometheus.MustNewConstMetric(descLookups, prometheus.CounterValue, float64(s.outcomes[i]), label, string(o))
+		st := s.stats
+		for _, o := range discovery.Outcomes {
+			ch <- prometheus.MustNewConstMetric(descLookups, prometheus.CounterValue, float64(st.Lookups[o]), label, string(o))
 		}
-		ch <- prometheus.MustNewConstMetric(descQueries, prometheus.CounterValue, float64(s.queries), label)
-		ch <- prometheus.MustNewConstMetric(descTruncated, prometheus.CounterValue, float64(s.truncated), label)
-		ch <- prometheus.MustNewConstMetric(descDropped, prometheus.CounterValue, float64(s.dropped), label)
-		cum := make(map[float64]uint64, len(durationBuckets))
+		ch <- prometheus.MustNewConstMetric(descQueries, prometheus.CounterValue, float64(st.Queries), label)
+		ch <- prometheus.MustNewConstMetric(descTruncated, prometheus.CounterValue, float64(st.Truncated), label)
+		ch <- prometheus.MustNewConstMetric(descDropped, prometheus.CounterValue, float64(st.Dropped), label)
+		cum := make(map[float64]uint64, len(discovery.DurationBuckets))
 		var acc uint64
-		for i, ub := range durationBuckets {
-			acc += s.buckets[i]
-			cum[ub] = acc
+		for i, ub := range discovery.DurationBuckets {
+			acc += st.Durations[i]
+			cum[ub.Seconds()] = acc
 		}
-		ch <- prometheus.MustNewConstHistogram(descDuration, s.count, s.sum, cum, label)
+		ch <- prometheus.MustNewConstHistogram(descDuration, st.LookupCount(), st.DurationSum.Seconds(), cum, label)
 		ch <- prometheus.MustNewConstMetric(descEndpoints, prometheus.GaugeValue, float64(s.endpoints), label)
 		if s.sinceSuccess >= 0 {
 			ch <- prometheus.MustNewConstMetric(descSinceSuccess, prometheus.GaugeValue, s.sinceSuccess, label)
@@ -303,10 +210,10 @@ func (c *serviceCollector) Collect(ch chan<- prometheus.Metric) {
 		if !s.health {
 			continue
 		}
-		ch <- prometheus.MustNewConstMetric(descChecks, prometheus.CounterValue, float64(s.passes), label, "pass")
-		ch <- prometheus.MustNewConstMetric(descChecks, prometheus.CounterValue, float64(s.fails), label, "fail")
-		ch <- prometheus.MustNewConstMetric(descTransitions, prometheus.CounterValue, float64(s.toHealthy), label, "healthy")
-		ch <- prometheus.MustNewConstMetric(descTransitions, prometheus.CounterValue, float64(s.toUnhealthy), label, "unhealthy")
+		ch <- prometheus.MustNewConstMetric(descChecks, prometheus.CounterValue, float64(st.Passes), label, "pass")
+		ch <- prometheus.MustNewConstMetric(descChecks, prometheus.CounterValue, float64(st.Fails), label, "fail")
+		ch <- prometheus.MustNewConstMetric(descTransitions, prometheus.CounterValue, float64(st.ToHealthy), label, "healthy")
+		ch <- prometheus.MustNewConstMetric(descTransitions, prometheus.CounterValue, float64(st.ToUnhealthy), label, "unhealthy")
 		ch <- prometheus.MustNewConstMetric(descHealthy, prometheus.GaugeValue, float64(s.healthy), label)
 		panic := 0.0
 		if s.panic {
@@ -316,38 +223,20 @@ func (c *serviceCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-func (s *serviceSeries) add(m member, now time.Time) {
-	st := m.stats
-	st.mu.Lock()
-	for i, n := range st.outcomes {
-		s.outcomes[i] += n
-	}
-	for i, n := range st.buckets {
-		s.buckets[i] += n
-	}
-	s.queries += st.queries
-	s.truncated += st.truncated
-	s.dropped += st.dropped
-	s.count += st.count
-	s.sum += st.sum
-	s.passes += st.passes
-	s.fails += st.fails
-	s.toHealthy += st.toHealthy
-	s.toUnhealthy += st.toUnhealthy
-	st.mu.Unlock()
+// add translates one watcher's Status into the series.
+func (s *serviceSeries) add(st discovery.Status, now time.Time) {
+	s.stats.Add(st.Stats)
 
-	if p := m.watcher.Prober(); p != nil {
-		v := p.View()
-		if !s.health || len(v.Eligible) < s.healthy {
-			s.healthy = len(v.Eligible)
+	if h := st.Health; h != nil {
+		if !s.health || h.Eligible < s.healthy {
+			s.healthy = h.Eligible
 		}
-		s.panic = s.panic || v.Panic
+		s.panic = s.panic || h.Panic
 		s.health = true
 	}
 
-	snap := m.watcher.Snapshot()
 	n, since, stale := 0, -1.0, false
-	if snap != nil {
+	if snap := st.Snapshot; snap != nil {
 		n, stale = len(snap.Endpoints), snap.Stale()
 		if !snap.Resolved.IsZero() {
 			since = max(now.Sub(snap.Resolved).Seconds(), 0)

@@ -127,8 +127,7 @@ func gather(t *testing.T, ctx caddy.Context) scrape {
 
 var testWatchers int
 
-// startTestWatcher starts a watcher the way Provision does (lookup counters
-// attached) and waits for its first lookup, the only one in the next hour.
+// startTestWatcher starts a watcher the way Provision does and waits for its first lookup, the only one in the next hour.
 func startTestWatcher(t *testing.T, srv *dnstest.Server, ref string) (string, *discovery.Watcher) {
 	t.Helper()
 	svc, err := discovery.ParseService(ref, discovery.Defaults{})
@@ -139,8 +138,7 @@ func startTestWatcher(t *testing.T, srv *dnstest.Server, ref string) (string, *d
 		RefreshMin: time.Hour, RefreshMax: time.Hour}
 	// A key of its own, so watchers of the same Service stay apart.
 	testWatchers++
-	key := fmt.Sprintf("%s #%d %s", t.Name(), testWatchers, watcherKey(cfg))
-	cfg.OnLookup = lookupStatsFor(key).observe
+	key := fmt.Sprintf("%s #%d %s", t.Name(), testWatchers, cfg.Key())
 	w := discovery.Start(cfg, nil)
 	t.Cleanup(w.Stop)
 	if w.Wait(context.Background(), 10*time.Second) == nil {
@@ -216,25 +214,6 @@ func TestMetricsServiceLabelsBounded(t *testing.T) {
 	}
 	s.expect(t, `caddy_headless_lookups_total{outcome="nxdomain",service="_other"}`, 2)
 	s.expect(t, `caddy_headless_endpoints{service="_other"}`, 0)
-}
-
-// The histogram counts every lookup in the bucket of its duration.
-func TestLookupStatsBuckets(t *testing.T) {
-	st := newLookupStats()
-	for _, d := range []time.Duration{300 * time.Microsecond, time.Millisecond, 2 * time.Second, time.Minute} {
-		st.observe(discovery.LookupEvent{Outcome: discovery.OutcomeSuccess, Duration: d, Result: discovery.Result{Queries: 2, Truncated: 1}})
-	}
-	st.observe(discovery.LookupEvent{Outcome: discovery.OutcomeTimeout, Duration: 500 * time.Millisecond})
-	want := map[float64]uint64{.0005: 1, .001: 1, .5: 1, 2.5: 1}
-	for i, ub := range durationBuckets {
-		if st.buckets[i] != want[ub] {
-			t.Errorf("bucket le=%v holds %d, want %d", ub, st.buckets[i], want[ub])
-		}
-	}
-	if inf := st.buckets[len(durationBuckets)]; inf != 1 || st.count != 5 || st.queries != 8 || st.truncated != 4 ||
-		st.outcomes[outcomeIndex[discovery.OutcomeTimeout]] != 1 || st.outcomes[outcomeIndex[discovery.OutcomeSuccess]] != 4 {
-		t.Errorf("stats %+v", st)
-	}
 }
 
 // The metric names follow Prometheus conventions (promlint).

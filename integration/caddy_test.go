@@ -107,7 +107,7 @@ func (s *suite) startCaddyWith(t *testing.T, storage string, env []string, sites
 	})
 	if err := waitFor(20*time.Second, 100*time.Millisecond, func() error {
 		if p.exited() {
-			return fmt.Errorf("Caddy exited: %v", p.err)
+			return fmt.Errorf("Caddy exited: %v", p.Err())
 		}
 		return httpOK(http.DefaultClient, c.admin+"/config/", "")
 	}); err != nil {

@@ -40,7 +40,7 @@ func (s *suite) startEtcd() error {
 	s.etcdURL = cu
 	return waitFor(30*time.Second, 200*time.Millisecond, func() error {
 		if s.etcd.exited() {
-			return fmt.Errorf("etcd exited: %v", s.etcd.err)
+			return fmt.Errorf("etcd exited: %v", s.etcd.Err())
 		}
 		return httpOK(http.DefaultClient, cu+"/health", "")
 	})
@@ -85,9 +85,14 @@ func (s *suite) startAPIServer() error {
 		"--enable-priority-and-fairness=false",
 		"--watch-cache=true",
 	}
-	s.apiURL = fmt.Sprintf("https://127.0.0.1:%d", port)
-	server := s.apiURL
-	if err := s.runAPIServer(); err != nil {
+	server := fmt.Sprintf("https://127.0.0.1:%d", port)
+	c := s.httpsClient()
+	if err := waitFor(120*time.Second, 500*time.Millisecond, func() error {
+		if s.apiSrv.exited() {
+			return fmt.Errorf("kube-apiserver exited: %v", s.apiSrv.Err())
+		}
+		return httpOK(c, server+"/readyz", adminToken)
+	}); err != nil {
 		return err
 	}
 	s.kubeconfig = filepath.Join(s.dir, "kubeconfig")
@@ -171,7 +176,7 @@ func (s *suite) runAPIServer() error {
 	c := s.httpsClient()
 	return waitFor(120*time.Second, 500*time.Millisecond, func() error {
 		if s.apiSrv.exited() {
-			return fmt.Errorf("kube-apiserver exited: %v", s.apiSrv.err)
+			return fmt.Errorf("kube-apiserver exited: %v", s.apiSrv.Err())
 		}
 		return httpOK(c, s.apiURL+"/readyz", adminToken)
 	})
@@ -187,7 +192,7 @@ func (s *suite) runCoreDNS() error {
 	}
 	return waitFor(60*time.Second, 200*time.Millisecond, func() error {
 		if s.coredns.exited() {
-			return fmt.Errorf("CoreDNS exited: %v\n%s", s.coredns.err, s.coredns.tail(20))
+			return fmt.Errorf("CoreDNS exited: %v\n%s", s.coredns.Err(), s.coredns.tail(20))
 		}
 		return httpOK(http.DefaultClient, fmt.Sprintf("http://127.0.0.1:%d/ready", s.dnsReady), "")
 	})
@@ -245,7 +250,7 @@ func (s *suite) startPebble() error {
 	c := s.httpsClient()
 	if err := waitFor(30*time.Second, 200*time.Millisecond, func() error {
 		if s.pebble.exited() {
-			return fmt.Errorf("Pebble exited: %v", s.pebble.err)
+			return fmt.Errorf("Pebble exited: %v", s.pebble.Err())
 		}
 		return httpOK(c, s.acmeDirectory(), "")
 	}); err != nil {

@@ -2,7 +2,12 @@ module github.com/caddy-headless/caddy-headless/integration
 
 go 1.26.8
 
-require github.com/miekg/dns v1.1.73
+require (
+	// dnstest (TestClusterDNSAnswers) and the storage core (the storage tests).
+	github.com/caddy-headless/caddy-headless v0.0.0-00010101000000-000000000000
+	github.com/caddy-headless/caddy-headless/internal/proc v0.0.0-00010101000000-000000000000
+	github.com/miekg/dns v1.1.73
+)
 
 require (
 	github.com/beorn7/perks v1.0.1 // indirect
@@ -28,6 +33,7 @@ require (
 	google.golang.org/protobuf v1.36.12 // indirect
 )
 
-require github.com/caddy-headless/caddy-headless v0.0.0-00010101000000-000000000000
-
-replace github.com/caddy-headless/caddy-headless => ../
+replace (
+	github.com/caddy-headless/caddy-headless => ../
+	github.com/caddy-headless/caddy-headless/internal/proc => ../internal/proc
+)

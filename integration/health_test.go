@@ -213,7 +213,7 @@ func (s *suite) restartVM(v *vm) error {
 	c := &http.Client{Timeout: time.Second}
 	return waitFor(20*time.Second, 20*time.Millisecond, func() error {
 		if p.exited() {
-			return fmt.Errorf("%s's server exited: %v\n%s", v.name, p.err, p.tail(20))
+			return fmt.Errorf("%s's server exited: %v\n%s", v.name, p.Err(), p.tail(20))
 		}
 		return httpOK(c, fmt.Sprintf("http://%s/ready", net.JoinHostPort(v.v4, "8080")), "")
 	})

@@ -79,7 +79,7 @@ func (s *suite) startVMs() error {
 			url := fmt.Sprintf("http://%s/ready", net.JoinHostPort(addr, "8080"))
 			if err := waitFor(20*time.Second, 100*time.Millisecond, func() error {
 				if v.proc.exited() {
-					return fmt.Errorf("%s's server exited: %v\n%s", v.name, v.proc.err, v.proc.tail(20))
+					return fmt.Errorf("%s's server exited: %v\n%s", v.name, v.proc.Err(), v.proc.tail(20))
 				}
 				return httpOK(http.DefaultClient, url, "")
 			}); err != nil {

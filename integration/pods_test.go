@@ -345,7 +345,7 @@ func TestDeployPods(t *testing.T) {
 	for _, p := range pods {
 		if err := waitFor(30*time.Second, 100*time.Millisecond, func() error {
 			if p.proc.exited() {
-				return fmt.Errorf("%s exited: %v", p.name, p.proc.err)
+				return fmt.Errorf("%s exited: %v", p.name, p.proc.Err())
 			}
 			for _, path := range []string{"live", "ready"} {
 				if code, err := p.health(path); err != nil || code != http.StatusOK {
@@ -360,7 +360,7 @@ func TestDeployPods(t *testing.T) {
 		var r response
 		if err := waitFor(90*time.Second, 250*time.Millisecond, func() error {
 			if p.proc.exited() {
-				return fmt.Errorf("%s exited: %v", p.name, p.proc.err)
+				return fmt.Errorf("%s exited: %v", p.name, p.proc.Err())
 			}
 			var err error
 			r, err = s.get(cl, "/")
@@ -449,7 +449,7 @@ func TestDeployPods(t *testing.T) {
 	}()
 	time.Sleep(time.Second)
 	sigterm := time.Now()
-	if err := syscall.Kill(last.proc.cmd.Process.Pid, syscall.SIGTERM); err != nil {
+	if err := syscall.Kill(last.proc.Pid(), syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 	// /ready fails while the process still runs and still serves.
@@ -487,7 +487,7 @@ func TestDeployPods(t *testing.T) {
 		t.Errorf("the request in flight at SIGTERM failed: %v", err)
 	}
 	select {
-	case <-last.proc.done:
+	case <-last.proc.Done():
 	case <-time.After(40 * time.Second):
 		t.Fatalf("%s still runs 40s after SIGTERM (terminationGracePeriodSeconds)", last.name)
 	}
@@ -495,8 +495,8 @@ func TestDeployPods(t *testing.T) {
 	if exited.Before(slowDone) {
 		t.Errorf("%s exited before the request in flight completed", last.name)
 	}
-	if last.proc.err != nil {
-		t.Errorf("%s exited with %v after SIGTERM, want status 0", last.name, last.proc.err)
+	if last.proc.Err() != nil {
+		t.Errorf("%s exited with %v after SIGTERM, want status 0", last.name, last.proc.Err())
 	}
 	t.Logf("SIGTERM → /ready 503 after %v → in-flight request done after %v → exit after %v",
 		unready.Sub(sigterm).Round(time.Millisecond), slowDone.Sub(sigterm).Round(time.Millisecond), exited.Sub(sigterm).Round(time.Millisecond))

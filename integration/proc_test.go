@@ -13,15 +13,14 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/caddy-headless/caddy-headless/internal/proc"
 )
 
-// process is a child process of the suite with its output in a log file.
+// process is a child process of the suite with its output in <dir>/<name>.log.
 type process struct {
-	name string
-	cmd  *exec.Cmd
-	log  string
-	done chan struct{}
-	err  error
+	*proc.Process
+	name, log string
 }
 
 // pidFile lists the processes the suite started, so that a later run can end
@@ -33,87 +32,34 @@ var pidMu sync.Mutex
 // startProcess starts bin with args, output to <dir>/<name>.log. The child
 // is in its own process group and is killed if the suite dies.
 func startProcess(dir, name string, env []string, bin string, args ...string) (*process, error) {
-	logPath := filepath.Join(dir, name+".log")
-	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	p, err := proc.Start(name, dir, filepath.Join(dir, name+".log"), env, bin, args...)
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(bin, args...)
-	cmd.Stdout = f
-	cmd.Stderr = f
-	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), env...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("start %s: %w", name, err)
-	}
-	p := &process{name: name, cmd: cmd, log: logPath, done: make(chan struct{})}
-	go func() {
-		p.err = cmd.Wait()
-		f.Close()
-		close(p.done)
-	}()
 	pidMu.Lock()
 	if pf, err := os.OpenFile(pidFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644); err == nil {
-		fmt.Fprintf(pf, "%d %s\n", cmd.Process.Pid, bin)
+		fmt.Fprintf(pf, "%d %s\n", p.Pid(), bin)
 		pf.Close()
 	}
 	pidMu.Unlock()
-	return p, nil
+	return &process{Process: p, name: name, log: p.Log}, nil
 }
 
-// exited reports whether the process has ended.
-func (p *process) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
+func (p *process) exited() bool { return p.Exited() }
 
-// stop ends the process group: SIGTERM, then SIGKILL after a grace period.
+// stop ends the process group: SIGTERM, then SIGKILL after 10s.
 func (p *process) stop() {
-	if p == nil || p.exited() {
-		return
-	}
-	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(10 * time.Second):
-		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
-		<-p.done
+	if p != nil {
+		p.Stop(10 * time.Second)
 	}
 }
 
 // tail returns the last n lines of the process's log.
-func (p *process) tail(n int) string {
-	return tailFile(p.log, n)
-}
+func (p *process) tail(n int) string { return p.Tail(n) }
 
-func tailFile(path string, n int) string {
-	return tailFiltered(path, n, "")
-}
+func tailFile(path string, n int) string { return proc.Tail(path, n, "") }
 
-// tailFiltered returns the last n lines of a file, leaving out lines that
-// contain skip (if not empty).
-func tailFiltered(path string, n int, skip string) string {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return fmt.Sprintf("(cannot read %s: %v)", path, err)
-	}
-	var lines []string
-	for _, l := range strings.Split(strings.TrimRight(string(b), "\n"), "\n") {
-		if skip == "" || !strings.Contains(l, skip) {
-			lines = append(lines, l)
-		}
-	}
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
-}
+func tailFiltered(path string, n int, skip string) string { return proc.Tail(path, n, skip) }
 
 // killLeftovers ends processes that a previous, crashed run of the suite
 // started (recorded in pidFile), if they still run the same binary.

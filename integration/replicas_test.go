@@ -98,7 +98,7 @@ func (r *replica) start(t *testing.T, s *suite) {
 	}
 	if err := waitFor(30*time.Second, 100*time.Millisecond, func() error {
 		if r.proc.exited() {
-			return fmt.Errorf("replica %s exited: %v\n%s", r.name, r.proc.err, r.proc.tail(20))
+			return fmt.Errorf("replica %s exited: %v\n%s", r.name, r.proc.Err(), r.proc.tail(20))
 		}
 		return httpOK(http.DefaultClient, r.admin+"/config/", "")
 	}); err != nil {
@@ -209,10 +209,10 @@ func TestReplicasShareCertificates(t *testing.T) {
 	// stopped, and answers Pebble once it runs again).
 	handOver := func(lock string) string {
 		t.Helper()
-		if err := syscall.Kill(b.proc.cmd.Process.Pid, syscall.SIGSTOP); err != nil {
+		if err := syscall.Kill(b.proc.Pid(), syscall.SIGSTOP); err != nil {
 			t.Fatal(err)
 		}
-		defer syscall.Kill(b.proc.cmd.Process.Pid, syscall.SIGCONT)
+		defer syscall.Kill(b.proc.Pid(), syscall.SIGCONT)
 		if err := blocker.Unlock(ctx, lock); err != nil {
 			t.Fatal(err)
 		}
@@ -271,9 +271,9 @@ func TestReplicasShareCertificates(t *testing.T) {
 	if strings.HasPrefix(holder, "replica-c/") {
 		victim = c
 	}
-	_ = syscall.Kill(-victim.proc.cmd.Process.Pid, syscall.SIGKILL)
+	_ = syscall.Kill(-victim.proc.Pid(), syscall.SIGKILL)
 	killed := time.Now()
-	<-victim.proc.done
+	<-victim.proc.Done()
 	survivors := []*replica{b, c}
 	if victim == c {
 		survivors = []*replica{a, b}

@@ -56,8 +56,6 @@ type Result struct {
 	// Queries, Truncated: how many questions were asked, and how many UDP
 	// replies were truncated and asked again over TCP.
 	Queries, Truncated int
-	// Partial counts replies truncated even over TCP (the server left records out).
-	Partial int
 	// Dropped counts records ignored because a bound was reached.
 	Dropped int
 }
@@ -218,9 +216,6 @@ func (res *Result) account(reply Reply, err error) {
 	res.Queries++
 	if reply.Truncated {
 		res.Truncated++
-	}
-	if reply.Partial {
-		res.Partial++
 	}
 	if err == nil {
 		res.Server = reply.Server

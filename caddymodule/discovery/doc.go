@@ -5,14 +5,22 @@
 // Read it top to bottom as "ask DNS, keep the answer fresh, hand it out":
 //
 //   - service.go: a reference such as "backend.bbs:http" becomes a Service (FQDN,
-//     record type, port) using the pod's namespace and cluster domain.
+//     record type, port) using the pod's namespace and cluster domain, which
+//     Environment detects (with the resolvers) from what a pod sees.
 //   - resolver.go: one DNS question to a list of servers (EDNS0 over UDP, TCP when
 //     truncated, failover), with every outcome classified.
 //   - answer.go: a DNS reply becomes endpoints, taking only records that belong to
 //     the question and only a bounded number of them.
-//   - watcher.go: one Watcher per distinct question re-asks on a TTL-clamped,
-//     jittered timer, keeps the last good set on errors and publishes immutable
-//     Snapshots through an atomic pointer.
+//   - watcher.go: one Watcher per distinct question (Config.Key) re-asks on a
+//     TTL-clamped, jittered timer, keeps the last good set on errors and
+//     publishes immutable Snapshots through an atomic pointer.
+//   - health.go: the Prober inside a Watcher checks every endpoint on its own
+//     timer and publishes which ones pass (HealthView), with slow start.
+//   - endpoints.go: the endpoints one request may go to (Watcher.Endpoints):
+//     the Snapshot's, filtered by health, thinned during a slow start, never
+//     one that left DNS.
+//   - status.go: one Status of a Watcher (state, health, Stats counted since it
+//     started) for every reader to translate: admin endpoint, metrics.
 //
 // Nothing in this package knows about Caddy; caddymodule is the glue.
 package discovery

@@ -11,9 +11,7 @@ import (
 	"net/http"
 	"net/url"
 	"regexp"
-	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -28,8 +26,8 @@ import (
 // It lives inside the Watcher, so its state survives config reloads and is
 // shared by every handler asking the same question.
 
-// HealthCheck configures active health checks. Equal HealthChecks (hooks
-// aside) probe the same way; Key tells them apart.
+// HealthCheck configures active health checks; Config.Key tells apart the
+// ones that probe differently.
 type HealthCheck struct {
 	// TCP only connects to the endpoint instead of sending an HTTP request.
 	TCP bool
@@ -64,14 +62,8 @@ type HealthCheck struct {
 	SlowStart time.Duration
 	// TLS, if set, makes the HTTP probes HTTPS with this configuration.
 	TLS *tls.Config
-	// TLSKey describes TLS for Key (a tls.Config cannot be compared).
+	// TLSKey describes TLS for Config.Key (a tls.Config cannot be compared).
 	TLSKey string
-
-	// OnCheck, if set, is called after every probe (for metrics), with the
-	// Prober's lock held: it must be quick and not call the Prober. OnChange
-	// is called after every transition between healthy and unhealthy (for events).
-	OnCheck  func(CheckEvent)
-	OnChange func(CheckEvent)
 }
 
 // CheckEvent describes one probe of one endpoint.
@@ -136,24 +128,6 @@ func (c HealthCheck) withDefaults() HealthCheck {
 		c.MaxInFlight = DefaultHealthMaxInFlight
 	}
 	return c
-}
-
-// Key identifies how endpoints are probed: watchers whose keys differ must not
-// share probe results.
-func (c HealthCheck) Key() string {
-	c = c.withDefaults()
-	body := ""
-	if c.Body != nil {
-		body = c.Body.String()
-	}
-	var hdr []string
-	for k, vs := range c.Headers {
-		hdr = append(hdr, k+"="+strings.Join(vs, ","))
-	}
-	slices.Sort(hdr)
-	return fmt.Sprintf("tcp=%t %s %q port=%d status=%d body=%q headers=%q every=%s~%s timeout=%s passes=%d fails=%d inflight=%d optimistic=%t failfast=%t slowstart=%s tls=%q",
-		c.TCP, c.Method, c.URI, c.Port, c.Status, body, hdr, c.Interval, c.Jitter, c.Timeout, c.Passes, c.Fails,
-		c.MaxInFlight, c.Optimistic, c.FailFast, c.SlowStart, c.TLSKey)
 }
 
 // EndpointHealth is the probes' view of one endpoint.
@@ -232,6 +206,9 @@ type Prober struct {
 	panic   bool
 	stopped bool
 	started bool // seen a snapshot: endpoints discovered later ramp up
+
+	stats   *stats           // the Watcher's; nil in tests of the Prober alone
+	observe func(CheckEvent) // tests: called after every probe, under mu
 }
 
 // probeState is one endpoint's state; a pointer that identifies the endpoint's
@@ -269,9 +246,6 @@ func newProber(cfg HealthCheck, svc Service, logger *atomic.Pointer[zap.Logger])
 	p.view.Store(&HealthView{FailFast: cfg.FailFast})
 	return p
 }
-
-// Config returns the health check configuration, defaults filled in.
-func (p *Prober) Config() HealthCheck { return p.cfg }
 
 // View returns the current summary; never nil.
 func (p *Prober) View() *HealthView { return p.view.Load() }
@@ -434,18 +408,17 @@ func (p *Prober) probe(st *probeState) {
 		st.Since = now
 		p.publishLocked()
 	}
-	if p.cfg.OnCheck != nil {
-		// Under the lock: events come in the order of the probes.
-		p.cfg.OnCheck(ev)
+	if p.stats != nil {
+		p.stats.check(ev.Passed, changed, ev.State)
+	}
+	if p.observe != nil {
+		p.observe(ev) // under the lock: events come in the order of the probes
 	}
 	st.timer.Reset(p.cfg.Interval - time.Duration(rand.Int64N(int64(p.cfg.Jitter)+1)))
 	p.mu.Unlock()
 
 	if changed {
 		p.logChange(ev, prev)
-	}
-	if changed && p.cfg.OnChange != nil && (prev != Unknown || ev.State == Unhealthy) {
-		p.cfg.OnChange(ev)
 	}
 }
 

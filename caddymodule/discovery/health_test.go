@@ -112,15 +112,15 @@ func startProber(t *testing.T, cfg HealthCheck) *probeRun {
 		cfg.Timeout = 2 * time.Second
 	}
 	r := &probeRun{events: make(chan CheckEvent, 1<<16)}
-	cfg.OnCheck = func(ev CheckEvent) {
+	var log atomic.Pointer[zap.Logger]
+	log.Store(zap.NewNop())
+	r.Prober = newProber(cfg, Service{Ref: "app.bbs:8080", FQDN: "app.bbs.svc.cluster.local.", Port: 8080}, &log)
+	r.observe = func(ev CheckEvent) {
 		select {
 		case r.events <- ev:
 		default: // never block the prober (the hook runs under its lock); tests read far fewer
 		}
 	}
-	var log atomic.Pointer[zap.Logger]
-	log.Store(zap.NewNop())
-	r.Prober = newProber(cfg, Service{Ref: "app.bbs:8080", FQDN: "app.bbs.svc.cluster.local.", Port: 8080}, &log)
 	t.Cleanup(r.stop)
 	return r
 }
@@ -448,15 +448,17 @@ func TestHealthCheckTLS(t *testing.T) {
 	}
 }
 
-// A Watcher with health checks probes what DNS finds, and stops its probes.
+// Health checks that probe the same way share a watcher: header order and
+// spelled-out defaults do not matter.
 func TestWatcherHealthKey(t *testing.T) {
 	a := HealthCheck{URI: "/healthz", Headers: http.Header{"A": {"1"}, "B": {"2"}}}
-	b := HealthCheck{URI: "/healthz", Headers: http.Header{"B": {"2"}, "A": {"1"}}, Interval: DefaultHealthInterval, OnCheck: func(CheckEvent) {}}
-	if a.Key() != b.Key() {
-		t.Fatalf("equal checks, different keys:\n%s\n%s", a.Key(), b.Key())
+	b := HealthCheck{URI: "/healthz", Headers: http.Header{"B": {"2"}, "A": {"1"}}, Interval: DefaultHealthInterval}
+	key := func(h HealthCheck) string { return Config{Health: &h}.Key() }
+	if key(a) != key(b) {
+		t.Fatalf("equal checks, different keys:\n%s\n%s", key(a), key(b))
 	}
 	b.Fails = 2
-	if a.Key() == b.Key() {
+	if key(a) == key(b) {
 		t.Fatal("different fails, same key")
 	}
 }

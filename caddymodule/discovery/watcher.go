@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -13,31 +15,80 @@ import (
 	"go.uber.org/zap"
 )
 
-// Config is everything a Watcher needs; Watchers with equal Configs are
-// interchangeable, which is what lets callers share them.
+// Config is everything a Watcher needs. Configs with equal Keys ask the same
+// question the same way, which is what lets callers share one Watcher.
 type Config struct {
 	Service  Service
 	IPv4     bool // ask A records (or take A glue for SRV targets)
 	IPv6     bool // ask AAAA records (or take AAAA glue)
 	Resolver *Resolver
-	// RefreshMin and RefreshMax clamp the record TTL into the re-check interval.
+	// RefreshMin and RefreshMax clamp the record TTL into the re-check
+	// interval. Default: DefaultRefresh, and RefreshMax = RefreshMin.
 	RefreshMin, RefreshMax time.Duration
 	// Stale bounds how long the last good set is kept while lookups fail;
 	// 0 keeps it until DNS answers again.
 	Stale time.Duration
-	// OnLookup, if set, is called after every lookup (for metrics).
-	OnLookup func(LookupEvent)
 	// Health, if set, turns on active health checks of the endpoints.
 	Health *HealthCheck
 }
 
-// LookupEvent describes one finished refresh.
-type LookupEvent struct {
-	Service  Service
-	Outcome  Outcome
-	Duration time.Duration
-	Result   Result
-	Err      error
+// DefaultRefresh is the re-check interval when a Config sets none: cluster DNS
+// answers from memory and shows a pod change within tens of milliseconds.
+const DefaultRefresh = time.Second
+
+// WithDefaults returns c with its zero fields set to their defaults (the
+// Resolver and the HealthCheck are copied, not changed). Invalid values, such
+// as negative durations, are left for the caller to reject.
+func (c Config) WithDefaults() Config {
+	if c.RefreshMin == 0 {
+		c.RefreshMin = DefaultRefresh
+	}
+	if c.RefreshMax == 0 {
+		c.RefreshMax = c.RefreshMin
+	}
+	r := &Resolver{Timeout: DefaultTimeout, UDPSize: DefaultUDPSize}
+	if c.Resolver != nil {
+		r.Servers = c.Resolver.Servers
+		if c.Resolver.Timeout != 0 {
+			r.Timeout = c.Resolver.Timeout
+		}
+		if c.Resolver.UDPSize != 0 {
+			r.UDPSize = c.Resolver.UDPSize
+		}
+	}
+	c.Resolver = r
+	if c.Health != nil {
+		h := c.Health.withDefaults()
+		c.Health = &h
+	}
+	return c
+}
+
+// Key identifies the question a Config asks and how: Watchers may be shared
+// exactly between Configs with equal Keys. Every field that changes what the
+// Watcher does is in it (TestConfigKeyCoversEveryField checks that); the
+// Service's Ref, how the user wrote the name, is not.
+func (c Config) Key() string {
+	c = c.WithDefaults()
+	r := c.Resolver
+	key := fmt.Sprintf("%s port=%d v4=%t v6=%t servers=%q timeout=%s udp=%d refresh=%s-%s stale=%s",
+		c.Service.QName(), c.Service.Port, c.IPv4, c.IPv6, r.Servers, r.Timeout, r.UDPSize,
+		c.RefreshMin, c.RefreshMax, c.Stale)
+	if h := c.Health; h != nil {
+		body := ""
+		if h.Body != nil {
+			body = h.Body.String()
+		}
+		var hdr []string
+		for k, vs := range h.Headers {
+			hdr = append(hdr, http.CanonicalHeaderKey(k)+"="+strings.Join(vs, ","))
+		}
+		slices.Sort(hdr)
+		key += fmt.Sprintf(" health: tcp=%t %q %q port=%d status=%d body=%q headers=%q every=%s~%s timeout=%s passes=%d fails=%d inflight=%d optimistic=%t failfast=%t slowstart=%s tls=%q",
+			h.TCP, h.Method, h.URI, h.Port, h.Status, body, hdr, h.Interval, h.Jitter, h.Timeout, h.Passes, h.Fails,
+			h.MaxInFlight, h.Optimistic, h.FailFast, h.SlowStart, h.TLSKey)
+	}
+	return key
 }
 
 // MaxErrorBackoff caps the wait between attempts while lookups fail, so that
@@ -83,8 +134,10 @@ func (s *Snapshot) Stale() bool { return !s.StaleSince.IsZero() }
 // Watcher keeps one Service's endpoints fresh in the background.
 type Watcher struct {
 	cfg    Config
-	logger atomic.Pointer[zap.Logger]
+	logger atomic.Pointer[zap.Logger] // the newest attached one, else Start's
 	snap   atomic.Pointer[Snapshot]
+	stats  stats
+	coin   func() float64 // slow start's draws, in [0,1)
 
 	kick   chan struct{}
 	cancel context.CancelFunc
@@ -92,6 +145,8 @@ type Watcher struct {
 
 	mu        sync.Mutex
 	published chan struct{} // closed and replaced on every publish
+	base      *zap.Logger   // Start's logger, used when none is attached
+	attached  []*zap.Logger // by AttachLogger, oldest first
 
 	started  atomic.Uint64 // Seq of the newest lookup started
 	lastWarn time.Time     // owned by the run goroutine
@@ -102,44 +157,72 @@ type Watcher struct {
 // ErrNotResolved is returned while a Service has never been resolved.
 var ErrNotResolved = errors.New("not resolved yet")
 
-// Start creates a Watcher and begins resolving at once, in the background.
+// Start creates a Watcher for cfg (with its defaults filled in) and begins
+// resolving at once, in the background. It logs through logger while no
+// other is attached.
 func Start(cfg Config, logger *zap.Logger) *Watcher {
-	if cfg.RefreshMin <= 0 {
-		cfg.RefreshMin = time.Second
-	}
-	if cfg.RefreshMax < cfg.RefreshMin {
-		cfg.RefreshMax = cfg.RefreshMin
-	}
+	cfg = cfg.WithDefaults()
+	cfg.RefreshMin = max(cfg.RefreshMin, time.Millisecond) // callers validate; never spin
+	cfg.RefreshMax = max(cfg.RefreshMax, cfg.RefreshMin)
 	if logger == nil {
 		logger = zap.NewNop()
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	w := &Watcher{
 		cfg:       cfg,
+		coin:      rand.Float64,
 		kick:      make(chan struct{}, 1),
 		cancel:    cancel,
 		done:      make(chan struct{}),
 		published: make(chan struct{}),
+		base:      logger,
 	}
+	w.stats.init()
 	w.logger.Store(logger)
 	if cfg.Health != nil {
 		w.prober = newProber(*cfg.Health, cfg.Service, &w.logger)
+		w.prober.stats = &w.stats
 	}
 	go w.run(ctx)
 	return w
 }
 
+// Config returns the configuration the Watcher runs with, defaults filled in.
+func (w *Watcher) Config() Config { return w.cfg }
+
 // Prober returns the health checks of the endpoints; nil if not configured.
 func (w *Watcher) Prober() *Prober { return w.prober }
 
-// Config returns the configuration the Watcher runs with.
-func (w *Watcher) Config() Config { return w.cfg }
-
-// SetLogger replaces the logger, so a shared Watcher logs through the newest
-// configuration's logger.
-func (w *Watcher) SetLogger(l *zap.Logger) {
-	if l != nil {
-		w.logger.Store(l)
+// AttachLogger makes the Watcher log through l until detach is called. Of
+// the attached loggers the newest is used: a shared Watcher logs through the
+// newest configuration that uses it and, once that configuration is dropped
+// (unloaded, or failed to load), through the one before again.
+func (w *Watcher) AttachLogger(l *zap.Logger) (detach func()) {
+	if l == nil {
+		return func() {}
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.attached = append(w.attached, l)
+	w.logger.Store(l)
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			// The same logger may be attached twice: drop one copy of it.
+			for i := len(w.attached) - 1; i >= 0; i-- {
+				if w.attached[i] == l {
+					w.attached = slices.Delete(w.attached, i, i+1)
+					break
+				}
+			}
+			top := w.base
+			if n := len(w.attached); n > 0 {
+				top = w.attached[n-1]
+			}
+			w.logger.Store(top)
+		})
 	}
 }
 
@@ -272,9 +355,7 @@ func (w *Watcher) run(ctx context.Context) {
 		}
 		s := w.next(w.snap.Load(), res, err, now, seq, failures)
 		w.logLookup(s, res, err, now.Sub(lastStart))
-		if w.cfg.OnLookup != nil {
-			w.cfg.OnLookup(LookupEvent{Service: w.cfg.Service, Outcome: s.Outcome, Duration: now.Sub(lastStart), Result: res, Err: err})
-		}
+		w.stats.lookup(s.Outcome, now.Sub(lastStart), res)
 		w.publish(s)
 		if !timer.Stop() {
 			select {

@@ -133,3 +133,33 @@ func observedMessages(logs *observer.ObservedLogs) []string {
 	}
 	return out
 }
+
+// A shared watcher logs through the newest configuration attached to it; when
+// that one is dropped (say it failed to load after provisioning), through the
+// one before again, not through the dropped one's closed logs.
+func TestWatcherAttachedLoggers(t *testing.T) {
+	srv := dnstest.Start(t, bbsZone)
+	w, base := startWatcher(t, srv, "frontend:8001", nil)
+	refreshNow(t, w)
+	coreA, logsA := observer.New(zapcore.DebugLevel)
+	coreB, logsB := observer.New(zapcore.DebugLevel)
+	detachA := w.AttachLogger(zap.New(coreA))
+	detachB := w.AttachLogger(zap.New(coreB))
+	lookups := func(l *observer.ObservedLogs) int { return l.FilterMessage("lookup").Len() }
+	refreshNow(t, w)
+	if lookups(logsB) != 1 || lookups(logsA) != 0 {
+		t.Fatalf("newest attached: A %d, B %d lookup lines; want B's 1", lookups(logsA), lookups(logsB))
+	}
+	detachB()
+	detachB() // twice is once
+	refreshNow(t, w)
+	if lookups(logsA) != 1 || lookups(logsB) != 1 {
+		t.Fatalf("after B left: A %d, B %d lookup lines; want A's 1", lookups(logsA), lookups(logsB))
+	}
+	n := lookups(base)
+	detachA()
+	refreshNow(t, w)
+	if lookups(base) != n+1 || lookups(logsA) != 1 {
+		t.Fatalf("none attached: want Start's logger back")
+	}
+}

@@ -1,8 +1,7 @@
-// Package proxytest runs Caddy in this process (caddytest) with
+// Package proxytest runs Caddy in this process (testcaddy, on free ports) with
 // `reverse_proxy { dynamic headless … }` in front of real HTTP backends on
 // loopback, and shows the traffic following DNS. It is its own package so that
-// Caddy's process-wide state (caddytest's admin endpoint on :2999) stays apart
-// from the other in-process tests.
+// Caddy's process-wide state stays apart from the other in-process tests.
 package proxytest
 
 import (
@@ -15,11 +14,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2/caddytest"
 	"github.com/miekg/dns"
 
 	_ "github.com/caddy-headless/caddy-headless/caddymodule"
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/internal/testcaddy"
 )
 
 // backend is an HTTP server on addr that answers with its name.
@@ -76,41 +75,21 @@ func samePortBackends(t *testing.T, n int) int {
 }
 
 type proxy struct {
-	t      *testing.T
-	tester *caddytest.Tester
-	url    string
+	t     *testing.T
+	caddy *testcaddy.Caddy
+	url   string
 }
 
-// startCaddy loads a Caddyfile into the in-process Caddy and fails (never
-// skips) if caddytest cannot bring it up.
+// startCaddy runs a site in the in-process Caddy, on ports of its own.
 func startCaddy(t *testing.T, site string) *proxy {
 	t.Helper()
-	var tester *caddytest.Tester
-	ok := t.Run("caddy starts", func(st *testing.T) {
-		tester = caddytest.NewTester(st)
-		tester.InitServer(`{
-	admin localhost:2999
-	http_port 9080
-	https_port 9443
-	grace_period 1ns
-	skip_install_trust
-	log {
-		level WARN
-	}
-}
-http://localhost:9080 {
-`+site+`
-}`, "caddyfile")
-	})
-	if !ok || tester == nil {
-		t.Fatal("in-process Caddy did not start (a skip would hide every assertion below)")
-	}
-	return &proxy{t: t, tester: tester, url: "http://localhost:9080/"}
+	c := testcaddy.Start(t, "", site)
+	return &proxy{t: t, caddy: c, url: c.URL}
 }
 
 // get does one request and returns status and body.
 func (p *proxy) get() (int, string) {
-	resp, err := p.tester.Client.Get(p.url)
+	resp, err := p.caddy.Client.Get(p.url)
 	if err != nil {
 		p.t.Fatalf("GET %s: %v", p.url, err)
 	}

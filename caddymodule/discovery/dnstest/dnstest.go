@@ -24,7 +24,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/miekg/dns"
 )
@@ -42,9 +41,8 @@ type Server struct {
 	mu      sync.Mutex
 	records map[string][]dns.RR // by lowercased owner name
 	soa     dns.RR
-	rcode   int           // forced rcode; -1 for none
-	mute    bool          // drop queries
-	delay   time.Duration // before answering
+	rcode   int  // forced rcode; -1 for none
+	mute    bool // drop queries
 	hook    func(w dns.ResponseWriter, q *dns.Msg) bool
 
 	queries atomic.Int64
@@ -144,9 +142,6 @@ func (s *Server) Fail(rcode int) { s.mu.Lock(); s.rcode = rcode; s.mu.Unlock() }
 // Mute makes the server read queries and never answer (a timeout), or answer again.
 func (s *Server) Mute(on bool) { s.mu.Lock(); s.mute = on; s.mu.Unlock() }
 
-// Delay holds every answer for d.
-func (s *Server) Delay(d time.Duration) { s.mu.Lock(); s.delay = d; s.mu.Unlock() }
-
 // Hook lets a test answer (or not) by itself; returning false falls back to the zone.
 func (s *Server) Hook(f func(w dns.ResponseWriter, q *dns.Msg) bool) {
 	s.mu.Lock()
@@ -165,12 +160,9 @@ func (s *Server) serve(w dns.ResponseWriter, q *dns.Msg) {
 		s.tcpQs.Add(1)
 	}
 	s.mu.Lock()
-	rcode, mute, delay, hook := s.rcode, s.mute, s.delay, s.hook
+	rcode, mute, hook := s.rcode, s.mute, s.hook
 	m := s.answer(q)
 	s.mu.Unlock()
-	if delay > 0 {
-		time.Sleep(delay)
-	}
 	if hook != nil && hook(w, q) {
 		return
 	}
