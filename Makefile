@@ -1,5 +1,5 @@
 # caddy-headless — see README.md
-.PHONY: build test unit lint demo demo-check check-example bench fuzz-smoke integration
+.PHONY: build test unit lint demo demo-check check-example bench fuzz-smoke integration image test-image
 
 build: ## Caddy with this plugin, at bin/caddy
 	./xcaddy/build.sh bin/caddy
@@ -15,6 +15,7 @@ lint:
 	cd integration && go vet ./...
 	cd bench && go vet ./...
 	cd internal/proc && go vet ./...
+	cd xcaddy/image && go vet ./...
 
 fuzz-smoke: ## every fuzz target for a short bounded time (FUZZTIME, default 20s)
 	./scripts/fuzz-smoke.sh
@@ -22,7 +23,13 @@ fuzz-smoke: ## every fuzz target for a short bounded time (FUZZTIME, default 20s
 integration: ## end-to-end: real kube-apiserver + CoreDNS + Pebble + Caddy binary + netns "VMs" (root)
 	./integration/run.sh
 
-test: lint unit check-example demo-check fuzz-smoke integration ## everything CI runs
+image: ## the container image, without a daemon: bin/image (OCI layout) and bin/caddy-image.tar
+	./xcaddy/image.sh
+
+test-image: image ## the image: valid, reproducible, as the Containerfile says; its binary runs from its rootfs as uid 65532 (root)
+	cd xcaddy/image && CADDY_BIN=$(CURDIR)/bin/caddy IMAGE_OCI=$(CURDIR)/bin/image go test -count=1 ./...
+
+test: lint unit check-example demo-check fuzz-smoke test-image integration ## everything CI runs
 
 demo: ## the story on loopback: DNS stand-in, endpoints, Caddy over HTTPS; Ctrl-C stops it
 	./demo/run.sh
