@@ -30,6 +30,9 @@ type Config struct {
 	Stale time.Duration
 	// Health, if set, turns on active health checks of the endpoints.
 	Health *HealthCheck
+	// Addresses decides which endpoint addresses are used; by default not
+	// loopback or link-local ones.
+	Addresses AddressPolicy
 }
 
 // DefaultRefresh is the re-check interval when a Config sets none: cluster DNS
@@ -74,6 +77,7 @@ func (c Config) Key() string {
 	key := fmt.Sprintf("%s port=%d v4=%t v6=%t servers=%q timeout=%s udp=%d refresh=%s-%s stale=%s",
 		c.Service.QName(), c.Service.Port, c.IPv4, c.IPv6, r.Servers, r.Timeout, r.UDPSize,
 		c.RefreshMin, c.RefreshMax, c.Stale)
+	key += " addresses: " + c.Addresses.key()
 	if h := c.Health; h != nil {
 		body := ""
 		if h.Body != nil {
@@ -148,8 +152,8 @@ type Watcher struct {
 	base      *zap.Logger   // Start's logger, used when none is attached
 	attached  []*zap.Logger // by AttachLogger, oldest first
 
-	started  atomic.Uint64 // Seq of the newest lookup started
-	lastWarn time.Time     // owned by the run goroutine
+	started atomic.Uint64 // Seq of the newest lookup started
+	warned  warnings      // owned by the run goroutine
 
 	prober *Prober // nil without health checks
 }
@@ -347,6 +351,9 @@ func (w *Watcher) run(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
+		if err == nil {
+			err = w.cfg.Addresses.apply(w.cfg.Service, &res)
+		}
 		now := time.Now()
 		if err != nil {
 			failures++
@@ -388,10 +395,11 @@ func (w *Watcher) next(prev *Snapshot, res Result, err error, now time.Time, seq
 			s.Unavailable = nil
 		}
 		w.logChange(log, prev, s, res)
-		if res.Dropped > 0 {
+		if res.Dropped > 0 && w.warned.due(&w.warned.bound, "bound", now) {
 			log.Warn("DNS answer exceeded a bound; extra records ignored",
 				zap.String("service", svc.String()), zap.Int("dropped", res.Dropped))
 		}
+		w.logRefused(log, res, now)
 		return s
 	}
 
@@ -419,7 +427,7 @@ func (w *Watcher) next(prev *Snapshot, res Result, err error, now time.Time, seq
 					svc, now.Sub(s.StaleSince).Round(time.Second), w.cfg.Stale, err)
 				log.Warn("DNS refresh failed past the stale bound; dropping endpoints: requests to "+svc.String()+" will fail",
 					zap.String("service", svc.String()), zap.Int("dropped", len(prev.Endpoints)), zap.Error(err))
-				w.lastWarn = now
+				w.warned.failure = warnState{what: "expired", at: now}
 				return s
 			}
 			if deadline.Before(s.Next) {
@@ -428,13 +436,73 @@ func (w *Watcher) next(prev *Snapshot, res Result, err error, now time.Time, seq
 		}
 		consequence = fmt.Sprintf("keeping %d endpoints from %s ago", len(s.Endpoints), now.Sub(s.Resolved).Round(time.Second))
 	}
-	// Warn when failures start or the error changes, then at most every 30 s.
-	if prev == nil || prev.Err == nil || prev.Err.Error() != err.Error() || now.Sub(w.lastWarn) >= 30*time.Second {
+	// Warn when failures start or change kind, then at most every 30 s.
+	if prev == nil || prev.Err == nil {
+		w.warned.failure = warnState{}
+	}
+	w.logRefused(log, res, now)
+	if w.warned.due(&w.warned.failure, failureKind(err), now) {
 		log.Warn("DNS refresh failed; "+consequence,
 			zap.String("service", svc.String()), zap.Int("failures", failures), zap.Error(err))
-		w.lastWarn = now
 	}
 	return s
+}
+
+// warnRepeat is how often a warning that stays the same is repeated.
+const warnRepeat = 30 * time.Second
+
+// warnState remembers the last warning of one kind: what it was about
+// and when it was written.
+type warnState struct {
+	what string
+	at   time.Time
+}
+
+// warnings rate-limit the Watcher's repeated warnings: a DNS outage or a
+// hostile server must not write a line per lookup.
+type warnings struct {
+	failure, bound, refused warnState
+}
+
+// due reports whether a warning about what should be written now: when it
+// differs from the last one of its kind, or warnRepeat after it.
+func (warnings) due(st *warnState, what string, now time.Time) bool {
+	if st.what == what && !st.at.IsZero() && now.Sub(st.at) < warnRepeat {
+		return false
+	}
+	*st = warnState{what: what, at: now}
+	return true
+}
+
+// failureKind is what makes two lookup failures the same for the logs: the
+// outcome, the server and the name asked, not the text, which carries the
+// ephemeral source port of every attempt.
+func failureKind(err error) string {
+	var le *LookupError
+	if errors.As(err, &le) {
+		return fmt.Sprintf("%s %s %d %s", le.Outcome, le.Server, le.Type, le.Name)
+	}
+	return err.Error()
+}
+
+// logRefused warns, once per change of the set, about endpoints the
+// AddressPolicy refused, naming the records.
+func (w *Watcher) logRefused(log *zap.Logger, res Result, now time.Time) {
+	if res.RefusedCount == 0 {
+		w.warned.refused = warnState{}
+		return
+	}
+	names := make([]string, len(res.Refused))
+	for i, r := range res.Refused {
+		names[i] = r.String()
+	}
+	if w.warned.refused.what == strings.Join(names, " ") {
+		return
+	}
+	w.warned.refused = warnState{what: strings.Join(names, " "), at: now}
+	log.Warn("DNS answer names endpoint addresses that are not allowed; ignored them",
+		zap.String("service", w.cfg.Service.String()), zap.Strings("refused", names),
+		zap.Int("count", res.RefusedCount), zap.String("hint", w.cfg.Addresses.hint()))
 }
 
 func (w *Watcher) logChange(log *zap.Logger, prev, s *Snapshot, res Result) {
