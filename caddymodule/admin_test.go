@@ -247,7 +247,8 @@ func TestAdminHealthyService(t *testing.T) {
 		`caddy_headless_stale{service="` + frontend + `"}`:                                   0,
 		`caddy_headless_lookups_total{outcome="servfail",service="` + frontend + `"}`:        0,
 		`caddy_headless_truncated_replies_total{service="` + frontend + `"}`:                 0,
-		`caddy_headless_dropped_records_total{service="` + frontend + `"}`:                   0,
+		`caddy_headless_dropped_records_total{reason="bound",service="` + frontend + `"}`:    0,
+		`caddy_headless_dropped_records_total{reason="address",service="` + frontend + `"}`:  0,
 		`caddy_headless_lookups_total{outcome="success",service="` + frontend + `"}`:         float64(got.Lookups),
 		`caddy_headless_lookup_duration_seconds_count{service="` + frontend + `"}`:           float64(got.Lookups),
 		`caddy_headless_dns_queries_total{service="` + frontend + `"}`:                       2 * float64(got.Lookups), // A and AAAA

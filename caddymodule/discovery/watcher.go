@@ -144,7 +144,9 @@ type Watcher struct {
 	coin   func() float64 // slow start's draws, in [0,1)
 
 	kick   chan struct{}
+	ctx    context.Context // the run goroutine's
 	cancel context.CancelFunc
+	begin  sync.Once // starts the run goroutine, or (in Stop) makes sure it never starts
 	done   chan struct{}
 
 	mu        sync.Mutex
@@ -165,6 +167,21 @@ var ErrNotResolved = errors.New("not resolved yet")
 // resolving at once, in the background. It logs through logger while no
 // other is attached.
 func Start(cfg Config, logger *zap.Logger) *Watcher {
+	w := New(cfg, logger)
+	w.Run()
+	return w
+}
+
+// Run begins resolving in the background, if the Watcher has not yet begun
+// (or been stopped). A Watcher made by New asks no DNS before Run, or before
+// the first Endpoints call, whichever comes first.
+func (w *Watcher) Run() {
+	w.begin.Do(func() { go w.run(w.ctx) })
+}
+
+// New creates a Watcher for cfg (with its defaults filled in) that does
+// nothing until Run.
+func New(cfg Config, logger *zap.Logger) *Watcher {
 	cfg = cfg.WithDefaults()
 	cfg.RefreshMin = max(cfg.RefreshMin, time.Millisecond) // callers validate; never spin
 	cfg.RefreshMax = max(cfg.RefreshMax, cfg.RefreshMin)
@@ -187,7 +204,7 @@ func Start(cfg Config, logger *zap.Logger) *Watcher {
 		w.prober = newProber(*cfg.Health, cfg.Service, &w.logger)
 		w.prober.stats = &w.stats
 	}
-	go w.run(ctx)
+	w.ctx = ctx
 	return w
 }
 
@@ -236,6 +253,7 @@ func (w *Watcher) Snapshot() *Snapshot { return w.snap.Load() }
 // Stop ends the refresh loop and waits for it, cancelling a lookup in flight.
 func (w *Watcher) Stop() {
 	w.cancel()
+	w.begin.Do(func() { close(w.done) }) // never ran
 	<-w.done
 	if w.prober != nil {
 		w.prober.stop()
@@ -261,6 +279,7 @@ func (w *Watcher) Refresh() {
 func (w *Watcher) RefreshNow(ctx context.Context) (*Snapshot, error) {
 	// A lookup in flight may have started before this call: wait for the one
 	// after it. Without one in flight, the next lookup will do.
+	w.Run() // asked for explicitly: the Service is in use
 	after := w.started.Load()
 	// One kick is enough: it stays queued until the loop takes it, and a taken
 	// kick always leads to a lookup. Kicking again on every wake-up could queue
