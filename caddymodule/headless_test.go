@@ -306,6 +306,13 @@ func TestProvisionRejectsBadConfig(t *testing.T) {
 		{Headless{Service: "app:8080", Stale: -1}, "stale"},
 		{Headless{Service: "app:8080", EDNSBufferSize: 100}, "edns_buffer_size"},
 		{Headless{Service: "app:8080", Versions: &reverseproxy.IPVersions{IPv4: new(bool)}}, "versions"},
+		// Floors, the same as the Caddyfile's (issue 13).
+		{Headless{Service: "app:8080", RefreshMin: 1}, "refresh_min 1ns is below the minimum of 100ms"},
+		{Headless{Service: "app:8080", RefreshMin: caddy.Duration(time.Second), RefreshMax: 1}, "refresh_max"},
+		{Headless{Service: "app:8080", DialTimeout: 1}, "dial_timeout 1ns is below the minimum of 100ms"},
+		{Headless{Service: "app:8080", Resolvers: []string{"a b"}}, `resolver "a b"`},
+		{Headless{Service: "app:8080", AllowAddresses: []string{"private"}}, "allow_addresses"},
+		{Headless{Service: "app:8080", AllowCIDRs: []string{"10.0.0.0"}}, "allow_cidrs"},
 	} {
 		t.Run(fmt.Sprintf("%+v", tc.want), func(t *testing.T) {
 			ctx, cancel := newCtx(t)
