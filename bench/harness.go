@@ -488,7 +488,7 @@ func children(pid int) []int {
 
 // --- nginx ---------------------------------------------------------------------
 
-// startNginx runs nginx with the story's configuration (DESIGN.md), its
+// startNginx runs nginx with the story's configuration (docs/design.md), its
 // upstream being the addresses given: nginx resolves names once, at start.
 func (h *harness) startNginx(ctx context.Context, name string, eps []string) (*proxy, error) {
 	listen, _ := h.ports()
