@@ -71,7 +71,7 @@ func TestWatcherRefusesLoopbackAndLinkLocal(t *testing.T) {
 		{"evil.example.:http", "10.9.0.1:8080", 1},
 		{"mixed.example.:80", "10.9.0.2:80 [fd00::9]:80", 3},
 	} {
-		w, logs := startWatcher(t, srv, tc.ref, nil)
+		w, logs := startWatcher(t, srv, tc.ref, func(c *Config) { c.Resolver.Timeout = 10 * time.Second })
 		for range 3 {
 			s := refreshNow(t, w)
 			if dials(s.Endpoints) != tc.want || s.Err != nil {
@@ -95,7 +95,7 @@ func TestWatcherRefusesLoopbackAndLinkLocal(t *testing.T) {
 // empty a good set) but a bad answer, with an error that says how to allow them.
 func TestWatcherAllRefusedKeepsLastGoodSet(t *testing.T) {
 	srv := dnstest.Start(t, "web.example. 5 IN A 10.9.0.1")
-	w, _ := startWatcher(t, srv, "web.example.:80", func(c *Config) { c.IPv6 = false })
+	w, _ := startWatcher(t, srv, "web.example.:80", func(c *Config) { c.IPv6, c.Resolver.Timeout = false, 10*time.Second })
 	if s := refreshNow(t, w); dials(s.Endpoints) != "10.9.0.1:80" {
 		t.Fatalf("first: [%s] %v", dials(s.Endpoints), s.Err)
 	}

@@ -51,7 +51,8 @@ func failureKind(err error) string {
 }
 
 // logRefused warns, once per change of the set, about endpoints the
-// AddressPolicy refused, naming the records.
+// AddressPolicy refused, naming the records. An answer without refused
+// addresses ends the set.
 func (w *Watcher) logRefused(log *zap.Logger, res Result, now time.Time) {
 	if res.RefusedCount == 0 {
 		w.warned.refused = warnState{}

@@ -459,7 +459,9 @@ func (w *Watcher) next(prev *Snapshot, res Result, err error, now time.Time, seq
 	if prev == nil || prev.Err == nil {
 		w.warned.failure = warnState{}
 	}
-	w.logRefused(log, res, now)
+	if res.RefusedCount > 0 { // an answer of refused addresses only; a failed lookup says nothing of them
+		w.logRefused(log, res, now)
+	}
 	if w.warned.due(&w.warned.failure, failureKind(err), now) {
 		log.Warn("DNS refresh failed; "+consequence,
 			zap.String("service", svc.String()), zap.Int("failures", failures), zap.Error(err))
