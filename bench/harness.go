@@ -309,9 +309,13 @@ const upstreamOpts = `		header_up X-Real-IP {remote_host}
 		}
 `
 
+// allowLoopback lets DNS name the endpoints of the bench, on 127.0.6.x:
+// loopback endpoints are refused unless allowed.
+const allowLoopback = "allow_addresses loopback"
+
 // Caddy site bodies for the Service `app`.
 func ourProxy(extra string) string {
-	return fmt.Sprintf("\theadless_proxy %s:%s {\n\t\tresolvers %s\n%s%s\t}\n", appName, epPort, dnsAddr, extra, upstreamOpts)
+	return fmt.Sprintf("\theadless_proxy %s:%s {\n\t\tresolvers %s\n\t\t"+allowLoopback+"\n%s%s\t}\n", appName, epPort, dnsAddr, extra, upstreamOpts)
 }
 
 func dynamicA(refresh string) string {

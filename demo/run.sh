@@ -24,7 +24,10 @@ export DEMO_HTTPS_PORT=${DEMO_HTTPS_PORT:-10443}
 export DEMO_HTTP_PORT=${DEMO_HTTP_PORT:-10080}
 export DEMO_ADMIN_PORT=${DEMO_ADMIN_PORT:-10019}
 dns=127.0.0.1:${DEMO_DNS_PORT:-10053}
-export HEADLESS_OPTIONS="resolvers $dns"
+# The demo's endpoints are on loopback, which DNS may not name unless allowed
+# (a cluster never does; see allow_addresses in the README).
+export HEADLESS_OPTIONS="resolvers $dns
+allow_addresses loopback"
 zone=$DEMO_RUN/cluster.zone
 ca=$DEMO_RUN/caddy/pki/authorities/local/root.crt
 site=bbs.test.com
