@@ -1,16 +1,21 @@
 # caddy-headless — see README.md
-.PHONY: build test unit lint demo demo-check check-example bench fuzz-smoke integration
+.PHONY: build test unit lint demo demo-check check-example bench fuzz-smoke integration image test-image
 
 build: ## Caddy with this plugin, at bin/caddy
 	./xcaddy/build.sh bin/caddy
 
-unit: ## the plugin's own tests (race detector on)
+unit: ## the plugin's own tests (race detector on), and those of the bench and proc modules
 	go test -race -count=1 ./...
+	cd bench && go test -count=1 ./...
+	cd internal/proc && go test -count=1 ./...
 
 lint:
 	@test -z "$$(gofmt -l .)" || { gofmt -l .; echo "gofmt needed"; exit 1; }
 	go vet ./...
 	cd integration && go vet ./...
+	cd bench && go vet ./...
+	cd internal/proc && go vet ./...
+	cd xcaddy/image && go vet ./...
 
 fuzz-smoke: ## every fuzz target for a short bounded time (FUZZTIME, default 20s)
 	./scripts/fuzz-smoke.sh
@@ -18,13 +23,20 @@ fuzz-smoke: ## every fuzz target for a short bounded time (FUZZTIME, default 20s
 integration: ## end-to-end: real kube-apiserver + CoreDNS + Pebble + Caddy binary + netns "VMs" (root)
 	./integration/run.sh
 
-test: lint unit check-example demo-check fuzz-smoke integration ## everything CI runs
+image: ## the container image, without a daemon: bin/image (OCI layout) and bin/caddy-image.tar
+	./xcaddy/image.sh
+
+test-image: image ## the image: valid, reproducible, as the Containerfile says; its binary runs from its rootfs as uid 65532 (root)
+	cd xcaddy/image && CADDY_BIN=$(CURDIR)/bin/caddy IMAGE_OCI=$(CURDIR)/bin/image go test -count=1 ./...
+
+test: lint unit check-example demo-check fuzz-smoke test-image integration ## everything CI runs
 
 demo: ## the story on loopback: DNS stand-in, endpoints, Caddy over HTTPS; Ctrl-C stops it
 	./demo/run.sh
 
-demo-check: ## the demo without a terminal: requests, zone edits, followed changes checked
+demo-check: ## the demo without a terminal: requests, redirect, zone edits, followed changes; then Ctrl-C ends it cleanly
 	DEMO_CHECK=1 ./demo/run.sh
+	./scripts/demo-interrupt-check.sh
 
 check-example: ## caddy adapt + validate of Caddyfile.example with bin/caddy (built if stale)
 	./scripts/check-example.sh

@@ -27,7 +27,7 @@ func drillBig(ctx context.Context, h *harness) (*section, error) {
 	}
 	measure := func(svc string, want int) (result, error) {
 		var r result
-		body := fmt.Sprintf("\theadless_proxy %s:%s {\n\t\tresolvers %s\n\t}\n", svc, epPort, dnsAddr)
+		body := fmt.Sprintf("\theadless_proxy %s:%s {\n\t\tresolvers %s\n\t\t"+allowLoopback+"\n\t}\n", svc, epPort, dnsAddr)
 		p, err := h.startCaddy(ctx, "caddy "+svc, body, "")
 		if err != nil {
 			return r, err

@@ -30,7 +30,7 @@ func drillMany(ctx context.Context, h *harness) (*section, error) {
 			return fmt.Sprintf("\treverse_proxy @s%d %s\n", i, strings.Join(addrs(eps), " "))
 		})},
 		{"Caddy, `headless_proxy` (ours, defaults)", routes(func(i int, svc string) string {
-			return fmt.Sprintf("\theadless_proxy @s%d %s:%s {\n\t\tresolvers %s\n\t}\n", i, svc, epPort, dnsAddr)
+			return fmt.Sprintf("\theadless_proxy @s%d %s:%s {\n\t\tresolvers %s\n\t\t"+allowLoopback+"\n\t}\n", i, svc, epPort, dnsAddr)
 		})},
 		{"Caddy, `dynamic a` (refresh 1s)", routes(func(i int, svc string) string {
 			return fmt.Sprintf("\treverse_proxy @s%d {\n\t\tdynamic a %s %s {\n\t\t\tresolvers %s\n\t\t\trefresh 1s\n\t\t}\n\t}\n", i, svc, epPort, dnsAddr)

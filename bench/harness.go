@@ -309,6 +309,10 @@ const upstreamOpts = `		header_up X-Real-IP {remote_host}
 		}
 `
 
+// allowLoopback lets DNS name the endpoints of the bench, on 127.0.6.x:
+// loopback endpoints are refused unless allowed.
+const allowLoopback = "allow_addresses loopback"
+
 // Caddy site bodies for the Service `app`.
 func ourProxy(extra string) string { return ourProxyFor(appName, extra) }
 
@@ -316,7 +320,7 @@ func dynamicA(refresh string) string { return dynamicAFor(appName, refresh) }
 
 // Caddy site bodies for the Service name.
 func ourProxyFor(name, extra string) string {
-	return fmt.Sprintf("\theadless_proxy %s:%s {\n\t\tresolvers %s\n%s%s\t}\n", name, epPort, dnsAddr, extra, upstreamOpts)
+	return fmt.Sprintf("\theadless_proxy %s:%s {\n\t\tresolvers %s\n\t\t"+allowLoopback+"\n%s%s\t}\n", name, epPort, dnsAddr, extra, upstreamOpts)
 }
 
 func dynamicAFor(name, refresh string) string {
@@ -489,7 +493,7 @@ func children(pid int) []int {
 
 // --- nginx ---------------------------------------------------------------------
 
-// startNginx runs nginx with the story's configuration (DESIGN.md), its
+// startNginx runs nginx with the story's configuration (docs/design.md), its
 // upstream being the addresses given: nginx resolves names once, at start.
 func (h *harness) startNginx(ctx context.Context, name string, eps []string) (*proxy, error) {
 	listen, _ := h.ports()

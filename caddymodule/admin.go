@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -151,37 +152,90 @@ func (a adminHeadless) serve(w http.ResponseWriter, r *http.Request) error {
 	return writeStatus(w, entries)
 }
 
-// refresh looks up every selected watcher now, in parallel, and answers with
-// their new state.
+// refresh looks up every selected watcher now and answers with their new
+// state. Concurrent requests for the same selection share one refresh: a
+// request that arrives while one runs waits for it, so a burst of POSTs
+// costs one lookup per watcher and at most refreshWorkers goroutines.
 func (a adminHeadless) refresh(w http.ResponseWriter, r *http.Request, name string) error {
 	entries := selectWatchers(name)
 	if name != "" && len(entries) == 0 {
 		return notFound(name)
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), refreshLimit)
-	defer cancel()
-	var wg sync.WaitGroup
+	f := refreshes.join(strings.ToLower(name), entries)
+	select {
+	case <-f.done:
+	case <-r.Context().Done():
+		return r.Context().Err()
+	}
+	switch err := f.err; {
+	case errors.Is(err, context.DeadlineExceeded):
+		return caddy.APIError{
+			HTTPStatus: http.StatusGatewayTimeout,
+			Err:        fmt.Errorf("refresh did not finish within %s: %w (GET %s shows the state so far)", refreshLimit, err, adminPrefix),
+		}
+	case err != nil:
+		return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("refresh: %w", err)}
+	}
+	return writeStatus(w, entries)
+}
+
+// refreshWorkers bounds the lookups one refresh runs at once.
+const refreshWorkers = 16
+
+// refreshes holds the refreshes in flight, by selection.
+var refreshes = flights{running: map[string]*flight{}}
+
+type flights struct {
+	mu      sync.Mutex
+	running map[string]*flight
+}
+
+// flight is one refresh of a selection; done closes when it finished, err
+// is then its first error.
+type flight struct {
+	done chan struct{}
+	err  error
+}
+
+// join returns the refresh of name in flight, or starts one of entries.
+func (fs *flights) join(name string, entries []selected) *flight {
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	if f := fs.running[name]; f != nil {
+		return f
+	}
+	f := &flight{done: make(chan struct{})}
+	fs.running[name] = f
+	go func() {
+		// Not the request's context: the refresh serves every waiter.
+		ctx, cancel := context.WithTimeout(context.Background(), refreshLimit)
+		defer cancel()
+		f.err = refreshAll(ctx, entries)
+		fs.mu.Lock()
+		delete(fs.running, name)
+		fs.mu.Unlock()
+		close(f.done)
+	}()
+	return f
+}
+
+// refreshAll refreshes the watchers, refreshWorkers at a time, and returns
+// the first error.
+func refreshAll(ctx context.Context, entries []selected) error {
 	errs := make([]error, len(entries))
-	for i, e := range entries {
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range min(refreshWorkers, len(entries)) {
 		wg.Go(func() {
-			if _, err := e.watcher.RefreshNow(ctx); err != nil {
-				errs[i] = fmt.Errorf("%s: %w", e.watcher.Config().Service, err)
+			for i := int(next.Add(1) - 1); i < len(entries); i = int(next.Add(1) - 1) {
+				if _, err := entries[i].watcher.RefreshNow(ctx); err != nil {
+					errs[i] = fmt.Errorf("%s: %w", entries[i].watcher.Config().Service, err)
+				}
 			}
 		})
 	}
 	wg.Wait()
-	for _, err := range errs {
-		switch {
-		case errors.Is(err, context.DeadlineExceeded):
-			return caddy.APIError{
-				HTTPStatus: http.StatusGatewayTimeout,
-				Err:        fmt.Errorf("refresh did not finish within %s: %w (GET %s shows the state so far)", refreshLimit, err, adminPrefix),
-			}
-		case err != nil:
-			return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("refresh: %w", err)}
-		}
-	}
-	return writeStatus(w, entries)
+	return errors.Join(slices.DeleteFunc(errs, func(e error) bool { return e == nil })...)
 }
 
 // selected is a watcher picked for a response, with its pool key.

@@ -9,8 +9,10 @@ import (
 	"net/http"
 	"os"
 	"reflect"
+	"runtime"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -242,14 +244,15 @@ func TestAdminHealthyService(t *testing.T) {
 
 	m := c.metrics()
 	for series, want := range map[string]float64{
-		`caddy_headless_endpoints{service="` + frontend + `"}`:                        2,
-		`caddy_headless_endpoints{service="` + backend + `"}`:                         1,
-		`caddy_headless_stale{service="` + frontend + `"}`:                            0,
-		`caddy_headless_lookups_total{outcome="servfail",service="` + frontend + `"}`: 0,
-		`caddy_headless_truncated_replies_total{service="` + frontend + `"}`:          0,
-		`caddy_headless_dropped_records_total{service="` + frontend + `"}`:            0,
-		`caddy_headless_lookups_total{outcome="success",service="` + frontend + `"}`:  float64(got.Lookups),
-		`caddy_headless_lookup_duration_seconds_count{service="` + frontend + `"}`:    float64(got.Lookups),
+		`caddy_headless_endpoints{service="` + frontend + `"}`:                              2,
+		`caddy_headless_endpoints{service="` + backend + `"}`:                               1,
+		`caddy_headless_stale{service="` + frontend + `"}`:                                  0,
+		`caddy_headless_lookups_total{outcome="servfail",service="` + frontend + `"}`:       0,
+		`caddy_headless_truncated_replies_total{service="` + frontend + `"}`:                0,
+		`caddy_headless_dropped_records_total{reason="bound",service="` + frontend + `"}`:   0,
+		`caddy_headless_dropped_records_total{reason="address",service="` + frontend + `"}`: 0,
+		`caddy_headless_lookups_total{outcome="success",service="` + frontend + `"}`:        float64(got.Lookups),
+		`caddy_headless_lookup_duration_seconds_count{service="` + frontend + `"}`:          float64(got.Lookups),
 		// A every lookup; AAAA on the first and then, this Service being
 		// IPv4-only, every 30th.
 		`caddy_headless_dns_queries_total{service="` + frontend + `"}`:                       float64(got.Lookups + 1 + got.Lookups/30),
@@ -512,4 +515,80 @@ func TestObservabilityDocumented(t *testing.T) {
 			t.Errorf("README's observability section does not document %s", name)
 		}
 	}
+}
+
+// A burst of POST /headless/refresh shares one refresh, run by a bounded
+// number of goroutines: 100 requests for 200 watchers once made 20,000
+// goroutines, one per watcher per request.
+func TestAdminRefreshBurstCoalesced(t *testing.T) {
+	const nWatchers, nRequests = 200, 100
+	dnsSrv := dnstest.Start(t, "")
+	var block atomic.Bool
+	var held atomic.Int64 // the DNS server's goroutines holding a question: not Caddy's
+	release := make(chan struct{})
+	dnsSrv.Hook(func(w dns.ResponseWriter, q *dns.Msg) bool {
+		if block.Load() {
+			held.Add(1)
+			<-release
+			held.Add(-1)
+		}
+		return false
+	})
+	var site []upstream
+	for i := range nWatchers {
+		site = append(site, upstream{service: fmt.Sprintf("app%d.bbs:8080", i), resolvers: []string{dnsSrv.Addr}})
+	}
+	c := startAdminCaddy(t, site)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		done := 0
+		for _, st := range c.watchers(http.MethodGet, "/headless/") {
+			if st.Lookups > 0 {
+				done++
+			}
+		}
+		if done == nWatchers {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d watchers resolved within 10s", done, nWatchers)
+		}
+	}
+	block.Store(true)
+	base := runtime.NumGoroutine()
+	codes := make(chan int, nRequests)
+	for range nRequests {
+		go func() {
+			req, _ := http.NewRequest(http.MethodPost, "http://"+c.admin+"/headless/refresh", nil)
+			resp, err := adminClient.Do(req)
+			if err != nil {
+				codes <- 0
+				return
+			}
+			resp.Body.Close()
+			codes <- resp.StatusCode
+		}()
+	}
+	// While the DNS server holds every question, the goroutines grow to a
+	// plateau: the requests' own (client and server side) plus the refresh's.
+	peak, still := 0, 0
+	for still < 50 {
+		time.Sleep(10 * time.Millisecond)
+		if n := runtime.NumGoroutine() - base - int(held.Load()); n > peak {
+			peak, still = n, 0
+		} else {
+			still++
+		}
+	}
+	close(release)
+	for range nRequests {
+		if code := <-codes; code != http.StatusOK {
+			t.Errorf("POST /headless/refresh: %d", code)
+		}
+	}
+	// Each request costs a few goroutines (client, connection, handler);
+	// one per watcher per request would be nRequests*nWatchers.
+	if limit := 8*nRequests + nWatchers; peak > limit {
+		t.Fatalf("%d goroutines for %d concurrent refreshes of %d watchers, want at most %d", peak, nRequests, nWatchers, limit)
+	}
+	t.Logf("peak %d extra goroutines for %d concurrent refreshes of %d watchers", peak, nRequests, nWatchers)
 }

@@ -2,10 +2,8 @@ package caddymodule
 
 import (
 	"net/http"
-	"regexp"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -25,6 +23,8 @@ import (
 //	    versions         ipv4|ipv6 ...
 //	    dial_timeout     <duration>
 //	    edns_buffer_size <bytes>
+//	    allow_addresses  loopback|link_local ...
+//	    allow_cidrs      <cidr>...
 //	    candidates       <n>|all
 //
 //	    # active health checks (any health_* option turns them on)
@@ -69,11 +69,27 @@ func (h *Headless) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.Errf("headless: unknown option %q", d.Val())
 		}
 	}
+	return h.checkCaddyfile(d)
+}
+
+// caddyfileEnv stands in for the pod's environment when a Caddyfile is
+// checked: the defaults only complete names, so any will do.
+var caddyfileEnv = discovery.Detected{
+	Defaults:  discovery.Defaults{Namespace: "default", ClusterDomain: "cluster.local"},
+	Resolvers: []string{"127.0.0.1:53"},
+}
+
+// checkCaddyfile applies the rules of the fields (Provision's own check,
+// config) to what the Caddyfile set, so that an error points at its file
+// and line. The parsers check syntax only.
+func (h *Headless) checkCaddyfile(d *caddyfile.Dispenser) error {
+	if _, err := h.config(caddyfileEnv); err != nil {
+		return d.Errf("%v", err)
+	}
 	return nil
 }
 
-// setService takes the current token as the service reference, checking its
-// syntax now so the error points at the Caddyfile line.
+// setService takes the current token as the service reference.
 func (h *Headless) setService(d *caddyfile.Dispenser) error {
 	if h.Service != "" {
 		return d.Errf("headless: service already set to %q", h.Service)
@@ -95,26 +111,23 @@ func (h *Headless) UnmarshalOption(d *caddyfile.Dispenser) (bool, error) {
 	case "resolvers":
 		h.Resolvers = d.RemainingArgs()
 		if len(h.Resolvers) == 0 {
-			return true, d.ArgErr()
+			return true, d.Errf("headless: resolvers takes one or more <host[:port]>")
 		}
-		for _, r := range h.Resolvers {
-			if _, err := discovery.NormalizeServer(r); err != nil {
-				return true, d.Errf("headless: %v", err)
-			}
+	case "allow_addresses":
+		if h.AllowAddresses = d.RemainingArgs(); len(h.AllowAddresses) == 0 {
+			return true, d.Errf("headless: allow_addresses takes loopback, link_local or both")
+		}
+	case "allow_cidrs":
+		if h.AllowCIDRs = d.RemainingArgs(); len(h.AllowCIDRs) == 0 {
+			return true, d.Errf("headless: allow_cidrs takes one or more CIDRs, e.g. 10.0.0.0/8")
 		}
 	case "namespace":
 		if !d.AllArgs(&h.Namespace) {
 			return true, d.ArgErr()
 		}
-		if err := checkLabel("namespace", h.Namespace); err != nil {
-			return true, d.Errf("%v", err)
-		}
 	case "cluster_domain":
 		if !d.AllArgs(&h.ClusterDomain) {
 			return true, d.ArgErr()
-		}
-		if _, err := discovery.ParseService("x:1", discovery.Defaults{ClusterDomain: h.ClusterDomain}); err != nil {
-			return true, d.Errf("headless: cluster_domain %q is not a valid DNS name", h.ClusterDomain)
 		}
 	case "refresh":
 		args := d.RemainingArgs()
@@ -131,8 +144,8 @@ func (h *Headless) UnmarshalOption(d *caddyfile.Dispenser) (bool, error) {
 				return true, err
 			}
 		}
-		if lo <= 0 || hi < lo {
-			return true, d.Errf("headless: refresh: need 0 < min <= max, got %s %s", time.Duration(lo), time.Duration(hi))
+		if lo == 0 {
+			return true, d.Errf("headless: refresh must be positive")
 		}
 		h.RefreshMin, h.RefreshMax = lo, hi
 	case "stale":
@@ -159,7 +172,7 @@ func (h *Headless) UnmarshalOption(d *caddyfile.Dispenser) (bool, error) {
 	case "slow_start":
 		h.SlowStart, err = durationArg(d, true)
 	case "edns_buffer_size":
-		h.EDNSBufferSize, err = numberArg(d, 512, 65535)
+		h.EDNSBufferSize, err = numberArg(d)
 	case "candidates":
 		if args := d.RemainingArgs(); len(args) == 1 && args[0] == "all" {
 			h.Candidates = -1
@@ -192,7 +205,7 @@ func (h *Headless) unmarshalHealth(d *caddyfile.Dispenser) (bool, error) {
 		}
 		return nil
 	}
-	number := func(lo, hi int) (int, error) { return numberArg(d, lo, hi) }
+	number := func() (int, error) { return numberArg(d) }
 	duration := func() (caddy.Duration, error) { return durationArg(d, true) }
 	tlsConf := func() *HealthTLS {
 		if hc.TLS == nil {
@@ -203,15 +216,11 @@ func (h *Headless) unmarshalHealth(d *caddyfile.Dispenser) (bool, error) {
 	var err error
 	switch opt {
 	case "health_uri":
-		if hc.URI, err = one(); err == nil && !strings.HasPrefix(hc.URI, "/") {
-			err = d.Errf("headless: health_uri %q must start with /", hc.URI)
-		}
+		hc.URI, err = one()
 	case "health_mode":
-		if hc.Mode, err = one(); err == nil && hc.Mode != "http" && hc.Mode != "tcp" {
-			err = d.Errf("headless: health_mode %q: use http or tcp", hc.Mode)
-		}
+		hc.Mode, err = one()
 	case "health_port":
-		hc.Port, err = number(1, 65535)
+		hc.Port, err = number()
 	case "health_method":
 		hc.Method, err = one()
 	case "health_headers":
@@ -232,11 +241,11 @@ func (h *Headless) unmarshalHealth(d *caddyfile.Dispenser) (bool, error) {
 	case "health_timeout":
 		hc.Timeout, err = duration()
 	case "health_passes":
-		hc.Passes, err = number(1, 1000)
+		hc.Passes, err = number()
 	case "health_fails":
-		hc.Fails, err = number(1, 1000)
+		hc.Fails, err = number()
 	case "health_max_in_flight":
-		hc.MaxInFlight, err = number(1, 10000)
+		hc.MaxInFlight, err = number()
 	case "health_status":
 		var v string
 		if v, err = one(); err != nil {
@@ -252,11 +261,7 @@ func (h *Headless) unmarshalHealth(d *caddyfile.Dispenser) (bool, error) {
 		}
 		hc.ExpectStatus = n
 	case "health_body":
-		if hc.ExpectBody, err = one(); err == nil {
-			if _, rerr := regexp.Compile(hc.ExpectBody); rerr != nil {
-				err = d.Errf("headless: health_body: %v", rerr)
-			}
-		}
+		hc.ExpectBody, err = one()
 	case "health_optimistic":
 		err, hc.Optimistic = none(), true
 	case "health_fail_fast":
@@ -293,16 +298,17 @@ func oneArg(d *caddyfile.Dispenser) (string, error) {
 	return v, nil
 }
 
-// numberArg returns the option's single argument as a number in [lo, hi].
-func numberArg(d *caddyfile.Dispenser, lo, hi int) (int, error) {
+// numberArg returns the option's single argument as a number (whose range
+// config checks).
+func numberArg(d *caddyfile.Dispenser) (int, error) {
 	opt := d.Val()
 	v, err := oneArg(d)
 	if err != nil {
 		return 0, err
 	}
 	n, err := strconv.Atoi(v)
-	if err != nil || n < lo || n > hi {
-		return 0, d.Errf("headless: %s takes a number in %d-%d, got %q", opt, lo, hi, v)
+	if err != nil {
+		return 0, d.Errf("headless: %s takes a number, got %q", opt, v)
 	}
 	return n, nil
 }

@@ -112,7 +112,27 @@ func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, er
 			}
 			return nil, sub.Errf("headless_proxy: %s: unexpected argument %q", opt, sub.Val())
 		}
+		// NextSegment consumes an empty block without returning it: the
+		// cursor is then on its "}", and reverse_proxy would be handed a
+		// stray "{" and blame the option.
+		if d.Val() == "}" && seg[len(seg)-1].Text != "}" {
+			return nil, d.Errf("headless_proxy: %s takes no block (its arguments go on its line)", opt)
+		}
 		d.DeleteN(len(seg))
+	}
+	seen := map[string]bool{}
+	for _, ref := range refs {
+		src := opts
+		src.Service = ref
+		cfg, err := src.config(caddyfileEnv)
+		if err != nil {
+			return nil, d.Errf("headless_proxy: %v", err)
+		}
+		q := cfg.Service.String()
+		if seen[q] {
+			return nil, d.Errf("headless_proxy: %s is named twice (as %q): each of its endpoints would be listed twice", q, ref)
+		}
+		seen[q] = true
 	}
 	probeTLS := opts.HealthChecks != nil && scheme == "https" && opts.HealthChecks.Mode != "tcp" && opts.HealthChecks.TLS == nil
 

@@ -73,7 +73,8 @@ api.backend.bbs.svc.cluster.local. 5 IN A 127.0.0.1
 }
 (cluster) {
 	resolvers %[1]s
-	refresh 50ms
+	refresh 100ms
+	allow_addresses loopback # the test backends listen on 127.0.0.1
 }
 http://127.0.0.1:%[2]s {
 	@api path /api /api/*

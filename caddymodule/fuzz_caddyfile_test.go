@@ -109,12 +109,11 @@ func FuzzUnmarshalCaddyfile(f *testing.F) {
 		if !reflect.DeepEqual(h, back) {
 			t.Fatalf("JSON round trip changed the config:\n%+v\n%s\n%+v", h, b, back)
 		}
-		cfg, err := back.config()
+		// The parser checks with the same function Provision does: what it
+		// accepts, Provision accepts.
+		cfg, err := back.config(caddyfileEnv)
 		if err != nil {
-			if !strings.HasPrefix(err.Error(), "headless") {
-				t.Fatalf("provisioning error does not say where it comes from: %v", err)
-			}
-			return
+			t.Fatalf("the Caddyfile accepted what provisioning refuses: %v", err)
 		}
 		if cfg.RefreshMin <= 0 || cfg.RefreshMax < cfg.RefreshMin || cfg.Stale < 0 || !cfg.IPv4 && !cfg.IPv6 {
 			t.Fatalf("accepted config is not usable: %+v", cfg)
@@ -190,8 +189,8 @@ func FuzzHeadlessProxy(f *testing.F) {
 			if _, err := discovery.ParseService(h.Service, discovery.Defaults{}); err != nil {
 				t.Fatalf("headless source %s: service does not parse: %v", b, err)
 			}
-			if _, err := h.config(); err != nil && !strings.HasPrefix(err.Error(), "headless") {
-				t.Fatalf("provisioning error does not say where it comes from: %v", err)
+			if _, err := h.config(caddyfileEnv); err != nil {
+				t.Fatalf("headless_proxy accepted a source that provisioning refuses: %s: %v", b, err)
 			}
 		})
 	})

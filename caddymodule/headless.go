@@ -5,6 +5,7 @@ package caddymodule
 import (
 	"fmt"
 	"net/http"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -95,6 +96,21 @@ type Headless struct {
 	// start, nor while only one endpoint is healthy. Default: 0, off.
 	SlowStart caddy.Duration `json:"slow_start,omitempty"`
 
+	// Kinds of endpoint addresses to accept from DNS although they are
+	// refused by default: `loopback` (127.0.0.0/8, ::1) and `link_local`
+	// (169.254.0.0/16, where cloud metadata lives, and fe80::/10). Kubernetes
+	// never gives a Service such endpoints, so an answer that has them comes
+	// from outside the cluster or from a poisoned resolver, and would send
+	// requests and probes to this host itself (Caddy's admin API) or to the
+	// metadata service. Default: none.
+	AllowAddresses []string `json:"allow_addresses,omitempty"`
+
+	// If set, endpoints are taken only from these ranges (CIDR notation,
+	// e.g. `10.0.0.0/8`); an address in one of them is taken even if loopback
+	// or link-local. For a careful user of a resolver outside the cluster.
+	// Default: any address but those refused above.
+	AllowCIDRs []string `json:"allow_cidrs,omitempty"`
+
 	// How many endpoints each request is handed, so that the proxy's work per
 	// request does not grow with the Service: under the lb_policy random,
 	// random_choose, least_conn (distinct endpoints drawn at random),
@@ -131,29 +147,37 @@ var environment discovery.Environment
 var watchers = caddy.NewUsagePool()
 
 // Provision parses the Service, fills in the defaults and attaches to the
-// shared watcher, starting it if nobody asks this question yet. It never waits
-// on DNS, so it succeeds offline.
+// shared watcher, creating it if nobody asks this question yet. It never
+// asks DNS: a new watcher starts looking up when the config starts (the
+// headless app's Start), so `caddy validate` sends no query.
 func (h *Headless) Provision(ctx caddy.Context) error {
-	cfg, err := h.config()
+	cfg, err := h.config(environment.Detect())
 	if err != nil {
 		return err
 	}
+	if err := h.HealthChecks.loadCA(h.Service, cfg.Health); err != nil {
+		return err
+	}
 	h.key = cfg.Key()
+	app, err := appOf(ctx)
+	if err != nil {
+		return err
+	}
 	val, _, err := watchers.LoadOrNew(h.key, func() (caddy.Destructor, error) {
-		return discovery.Start(cfg, ctx.Logger()), nil
+		return discovery.New(cfg, ctx.Logger()), nil
 	})
 	if err != nil {
 		return err
 	}
 	h.watcher = val.(*discovery.Watcher)
+	if app != nil {
+		app.add(h.watcher)
+	}
 	// Until Cleanup: if this config fails to load, logging goes back to the
 	// config that runs.
 	h.detach = h.watcher.AttachLogger(ctx.Logger())
 	if err := checkSlowStartPolicy(ctx.Modules(), h.SlowStart); err != nil {
 		return fmt.Errorf("headless %s: %w", h.Service, err)
-	}
-	if h.Candidates < -1 {
-		return fmt.Errorf("headless %s: candidates must be -1 (all), 0 (the default) or a count, got %d", h.Service, h.Candidates)
 	}
 	if h.sampler = samplerFor(ctx.Modules(), h.Candidates); h.sampler != nil {
 		h.retry = new(sync.Map)
@@ -164,10 +188,16 @@ func (h *Headless) Provision(ctx caddy.Context) error {
 	return registerMetrics(ctx, h.key, h.watcher)
 }
 
-// config validates the fields and turns them into a watcher configuration.
-func (h *Headless) config() (discovery.Config, error) {
-	det := environment.Detect()
+// config validates the fields and turns them into a watcher configuration,
+// completing what is left out from det, the pod's environment. It is the one
+// place the rules of the fields are checked (the core's Config.Validate
+// checks the rest): Provision calls it, and so do the Caddyfile parsers, to
+// report an error at its file and line. It reads no file and asks no DNS.
+func (h *Headless) config(det discovery.Detected) (discovery.Config, error) {
 	def := det.Defaults
+	fail := func(format string, args ...any) (discovery.Config, error) {
+		return discovery.Config{}, fmt.Errorf("headless %s: "+format, append([]any{h.Service}, args...)...)
+	}
 	if h.Namespace != "" {
 		if err := checkLabel("namespace", h.Namespace); err != nil {
 			return discovery.Config{}, err
@@ -175,6 +205,9 @@ func (h *Headless) config() (discovery.Config, error) {
 		def.Namespace = h.Namespace
 	}
 	if h.ClusterDomain != "" {
+		if _, err := discovery.ParseService("x:1", discovery.Defaults{ClusterDomain: h.ClusterDomain}); err != nil {
+			return fail("cluster_domain %q is not a valid DNS name", h.ClusterDomain)
+		}
 		def.ClusterDomain = h.ClusterDomain
 	}
 	if h.Service == "" {
@@ -188,11 +221,17 @@ func (h *Headless) config() (discovery.Config, error) {
 	if len(servers) == 0 {
 		servers = det.Resolvers
 	}
+	if h.Candidates < -1 {
+		return fail("candidates must be -1 (all), 0 (the default) or a count, got %d", h.Candidates)
+	}
+	if h.EDNSBufferSize != 0 && (h.EDNSBufferSize < 512 || h.EDNSBufferSize > 65535) {
+		return fail("edns_buffer_size must be in 512-65535, got %d", h.EDNSBufferSize)
+	}
 	res := &discovery.Resolver{Timeout: time.Duration(h.DialTimeout), UDPSize: uint16(h.EDNSBufferSize)}
 	for _, s := range servers {
 		addr, err := discovery.NormalizeServer(s)
 		if err != nil {
-			return discovery.Config{}, fmt.Errorf("headless %s: resolvers: %w", h.Service, err)
+			return fail("resolvers: %v", err)
 		}
 		res.Servers = append(res.Servers, addr)
 	}
@@ -205,6 +244,9 @@ func (h *Headless) config() (discovery.Config, error) {
 		RefreshMax: time.Duration(h.RefreshMax),
 		Stale:      time.Duration(h.Stale),
 	}
+	if cfg.Addresses, err = addressPolicy(h.AllowAddresses, h.AllowCIDRs); err != nil {
+		return fail("%v", err)
+	}
 	if h.HealthChecks != nil {
 		if cfg.Health, err = h.HealthChecks.check(h.Service); err != nil {
 			return cfg, err
@@ -213,29 +255,41 @@ func (h *Headless) config() (discovery.Config, error) {
 	}
 	switch {
 	case h.SlowStart < 0:
-		return cfg, fmt.Errorf("headless %s: slow_start must not be negative", h.Service)
+		return fail("slow_start must not be negative")
 	case h.SlowStart > 0 && h.HealthChecks == nil:
-		return cfg, fmt.Errorf("headless %s: slow_start ramps endpoints up as they become healthy: it needs health checks (a health_* option)", h.Service)
+		return fail("slow_start ramps endpoints up as they become healthy: it needs health checks (a health_* option)")
 	}
 	if v := h.Versions; v != nil && (v.IPv4 != nil || v.IPv6 != nil) {
 		cfg.IPv4 = v.IPv4 != nil && *v.IPv4
 		cfg.IPv6 = v.IPv6 != nil && *v.IPv6
 	}
-	cfg = cfg.WithDefaults()
-	res = cfg.Resolver
-	switch {
-	case !cfg.IPv4 && !cfg.IPv6:
-		return cfg, fmt.Errorf("headless %s: versions: enable ipv4, ipv6 or both", h.Service)
-	case cfg.RefreshMin < 0 || cfg.RefreshMax < cfg.RefreshMin:
-		return cfg, fmt.Errorf("headless %s: refresh: need 0 < min <= max, got min %s max %s", h.Service, cfg.RefreshMin, cfg.RefreshMax)
-	case cfg.Stale < 0:
-		return cfg, fmt.Errorf("headless %s: stale must not be negative", h.Service)
-	case res.Timeout < 0:
-		return cfg, fmt.Errorf("headless %s: dial_timeout must not be negative", h.Service)
-	case h.EDNSBufferSize != 0 && (h.EDNSBufferSize < 512 || h.EDNSBufferSize > 65535):
-		return cfg, fmt.Errorf("headless %s: edns_buffer_size must be in 512-65535, got %d", h.Service, h.EDNSBufferSize)
+	if err := cfg.Validate(); err != nil {
+		return fail("%v", err)
 	}
-	return cfg, nil
+	return cfg.WithDefaults(), nil
+}
+
+// addressPolicy translates allow_addresses and allow_cidrs.
+func addressPolicy(kinds, cidrs []string) (discovery.AddressPolicy, error) {
+	var p discovery.AddressPolicy
+	for _, k := range kinds {
+		switch k {
+		case "loopback":
+			p.Loopback = true
+		case "link_local":
+			p.LinkLocal = true
+		default:
+			return p, fmt.Errorf("allow_addresses: unknown kind %q (use loopback or link_local; allow_cidrs takes ranges)", k)
+		}
+	}
+	for _, c := range cidrs {
+		pre, err := netip.ParsePrefix(c)
+		if err != nil {
+			return p, fmt.Errorf("allow_cidrs: %q is not a CIDR such as 10.0.0.0/8: %v", c, err)
+		}
+		p.CIDRs = append(p.CIDRs, pre.Masked())
+	}
+	return p, nil
 }
 
 // GetUpstreams returns the candidates the watcher picks for this request as

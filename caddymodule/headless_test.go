@@ -216,6 +216,42 @@ func TestProvisionNeverWaitsOnDNS(t *testing.T) {
 	}
 }
 
+// Validating a config (caddy validate, caddy adapt --validate) provisions it
+// but does not start it: no DNS question may leave. Loading it does ask.
+func TestValidateAsksNoDNS(t *testing.T) {
+	srv := dnstest.Start(t, appZone)
+	var services []string
+	for i := range 200 {
+		services = append(services, fmt.Sprintf("app%d:8080", i))
+	}
+	cfgJSON := config(t, srv.Addr, services...)
+	var c caddy.Config
+	if err := json.Unmarshal(cfgJSON, &c); err != nil {
+		t.Fatal(err)
+	}
+	if err := caddy.Validate(&c); err != nil {
+		t.Fatal(err)
+	}
+	// Validate cleans up before it returns: a watcher that had started
+	// would have sent its first queries by now, and none can come later.
+	if n := srv.Queries(); n != 0 {
+		t.Fatalf("validating %d services sent %d DNS queries, want none", len(services), n)
+	}
+	if n := len(selectWatchers("")); n != 0 {
+		t.Fatalf("%d watchers left over after validating", n)
+	}
+	// The same config, run: its watchers start at once.
+	if err := caddy.Load(config(t, srv.Addr, "app:8080"), true); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { caddy.Load([]byte(`{"admin":{"disabled":true,"config":{"persist":false}}}`), true) })
+	for deadline := time.Now().Add(10 * time.Second); srv.Queries() == 0; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the loaded config asked no DNS within 10s")
+		}
+	}
+}
+
 func TestGetUpstreamsReturnsFreshCopies(t *testing.T) {
 	srv := dnstest.Start(t, appZone)
 	h := &Headless{Service: "app.bbs:8080", Resolvers: []string{srv.Addr}}
@@ -270,6 +306,13 @@ func TestProvisionRejectsBadConfig(t *testing.T) {
 		{Headless{Service: "app:8080", Stale: -1}, "stale"},
 		{Headless{Service: "app:8080", EDNSBufferSize: 100}, "edns_buffer_size"},
 		{Headless{Service: "app:8080", Versions: &reverseproxy.IPVersions{IPv4: new(bool)}}, "versions"},
+		// Floors, the same as the Caddyfile's (issue 13).
+		{Headless{Service: "app:8080", RefreshMin: 1}, "refresh_min 1ns is below the minimum of 100ms"},
+		{Headless{Service: "app:8080", RefreshMin: caddy.Duration(time.Second), RefreshMax: 1}, "refresh_max"},
+		{Headless{Service: "app:8080", DialTimeout: 1}, "dial_timeout 1ns is below the minimum of 100ms"},
+		{Headless{Service: "app:8080", Resolvers: []string{"a b"}}, `resolver "a b"`},
+		{Headless{Service: "app:8080", AllowAddresses: []string{"private"}}, "allow_addresses"},
+		{Headless{Service: "app:8080", AllowCIDRs: []string{"10.0.0.0"}}, "allow_cidrs"},
 	} {
 		t.Run(fmt.Sprintf("%+v", tc.want), func(t *testing.T) {
 			ctx, cancel := newCtx(t)

@@ -90,7 +90,10 @@ type HealthTLS struct {
 	CA string `json:"ca,omitempty"`
 }
 
-// check validates the fields and builds the core's configuration.
+// check translates the fields into the core's configuration, checking what
+// is the translation's to check (mode, what tcp mode excludes); the core's
+// Config.Validate checks the values. It reads no file: loadCA does, at
+// provision time.
 func (c *HealthChecks) check(service string) (*discovery.HealthCheck, error) {
 	errf := func(format string, args ...any) error {
 		return fmt.Errorf("headless %s: health_checks: "+format, append([]any{service}, args...)...)
@@ -111,14 +114,6 @@ func (c *HealthChecks) check(service string) (*discovery.HealthCheck, error) {
 	switch {
 	case c.Port < 0 || c.Port > 65535:
 		return nil, errf("port %d out of range", c.Port)
-	case c.Interval < 0 || c.Jitter < 0 || c.Timeout < 0:
-		return nil, errf("interval, jitter and timeout must not be negative")
-	case c.Passes < 0 || c.Fails < 0 || c.MaxInFlight < 0:
-		return nil, errf("passes, fails and max_in_flight must not be negative")
-	case c.ExpectStatus != 0 && !(c.ExpectStatus >= 1 && c.ExpectStatus <= 5 || c.ExpectStatus >= 100 && c.ExpectStatus <= 599):
-		return nil, errf("expect_status %d: use a code (100-599) or a class digit (2 means 2xx)", c.ExpectStatus)
-	case c.URI != "" && c.URI[0] != '/':
-		return nil, errf("uri %q must start with /", c.URI)
 	case hc.TCP && (c.URI != "" || c.Method != "" || c.ExpectBody != "" || c.ExpectStatus != 0 || len(c.Headers) > 0 || c.TLS != nil):
 		return nil, errf("mode tcp only connects: uri, method, headers, expect_status, expect_body and tls do not apply")
 	}
@@ -133,18 +128,25 @@ func (c *HealthChecks) check(service string) (*discovery.HealthCheck, error) {
 	if t := c.TLS; t != nil {
 		hc.TLS = &tls.Config{ServerName: t.ServerName, InsecureSkipVerify: t.InsecureSkipVerify, MinVersion: tls.VersionTLS12}
 		hc.TLSKey = fmt.Sprintf("sni=%q insecure=%t ca=%q", t.ServerName, t.InsecureSkipVerify, t.CA)
-		if t.CA != "" {
-			pem, err := os.ReadFile(t.CA)
-			if err != nil {
-				return nil, errf("tls ca: %v", err)
-			}
-			pool := x509.NewCertPool()
-			if !pool.AppendCertsFromPEM(pem) {
-				return nil, errf("tls ca: no PEM certificate in %s", t.CA)
-			}
-			hc.TLS.RootCAs = pool
-			hc.TLSKey += fmt.Sprintf(" ca_pem=%x", sha256.Sum256(pem))
-		}
 	}
 	return hc, nil
+}
+
+// loadCA reads the tls.ca file into hc (made by check from c); nothing to
+// do without one. Its error names the option and the Service.
+func (c *HealthChecks) loadCA(service string, hc *discovery.HealthCheck) error {
+	if c == nil || c.TLS == nil || c.TLS.CA == "" || hc == nil || hc.TLS == nil {
+		return nil
+	}
+	pem, err := os.ReadFile(c.TLS.CA)
+	if err != nil {
+		return fmt.Errorf("headless %s: health_tls_ca: %v", service, err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return fmt.Errorf("headless %s: health_tls_ca: no PEM certificate in %s", service, c.TLS.CA)
+	}
+	hc.TLS.RootCAs = pool
+	hc.TLSKey += fmt.Sprintf(" ca_pem=%x", sha256.Sum256(pem))
+	return nil
 }

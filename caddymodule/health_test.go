@@ -57,9 +57,11 @@ func srvZone(t *testing.T, backends ...*healthBackend) string {
 
 func healthSource(srv *dnstest.Server, hc HealthChecks) *Headless {
 	if hc.Interval == 0 {
-		hc.Interval = caddy.Duration(10 * time.Millisecond)
+		hc.Interval = caddy.Duration(discovery.MinHealthInterval)
 	}
-	return &Headless{Service: "app.bbs:http", Resolvers: []string{srv.Addr}, Versions: ipv4Only(), HealthChecks: &hc}
+	// The backends listen on loopback: allowed explicitly.
+	return &Headless{Service: "app.bbs:http", Resolvers: []string{srv.Addr}, Versions: ipv4Only(), HealthChecks: &hc,
+		AllowAddresses: []string{"loopback"}}
 }
 
 // eventually polls cond until it holds, for at most 30s.
@@ -173,7 +175,7 @@ func TestHealthSharedAcrossReload(t *testing.T) {
 	if other.watcher == reloaded.watcher {
 		t.Fatal("different health checks share a watcher")
 	}
-	plain := &Headless{Service: "app.bbs:http", Resolvers: []string{srv.Addr}, Versions: ipv4Only()}
+	plain := &Headless{Service: "app.bbs:http", Resolvers: []string{srv.Addr}, Versions: ipv4Only(), AllowAddresses: []string{"loopback"}}
 	provision(t, plain)
 	t.Cleanup(func() { plain.Cleanup() })
 	if plain.watcher.Prober() != nil {
@@ -210,11 +212,25 @@ func TestHealthConfigErrors(t *testing.T) {
 		{HealthChecks{ExpectStatus: 42}, "expect_status 42"},
 		{HealthChecks{ExpectBody: "("}, "expect_body"},
 		{HealthChecks{Port: 70000}, "port 70000"},
-		{HealthChecks{TLS: &HealthTLS{CA: "/nonexistent/ca.pem"}}, "tls ca"},
+		{HealthChecks{TLS: &HealthTLS{CA: "/nonexistent/ca.pem"}}, "health_tls_ca"},
+		// Values that validated but made every probe fail (issue 13).
+		{HealthChecks{Method: "GE T"}, `method "GE T"`},
+		{HealthChecks{Headers: http.Header{"X Bad": {"v"}}}, `"X Bad" is not a valid header name`},
+		{HealthChecks{Headers: http.Header{"X-Ok": {"a\r\nInjected: 1"}}}, "X-Ok holds a control character"},
+		{HealthChecks{URI: "/%zz"}, `uri "/%zz"`},
+		{HealthChecks{URI: "/a b"}, `uri "/a b"`},
+		{HealthChecks{MaxInFlight: 100000000}, "max_in_flight 100000000 is above the maximum of 10000"},
+		{HealthChecks{Passes: 5000}, "at most 1000"},
+		{HealthChecks{Interval: 1}, "interval 1ns is below the minimum of 1s"},
+		{HealthChecks{Timeout: 1}, "timeout 1ns is below the minimum of 10ms"},
+		{HealthChecks{Interval: -1}, "must not be negative"},
 	}
 	for _, c := range cases {
 		h := &Headless{Service: "app.bbs:8080", Resolvers: []string{"127.0.0.1"}, HealthChecks: &c.hc}
-		if _, err := h.config(); err == nil || !strings.Contains(err.Error(), c.err) || !strings.Contains(err.Error(), "app.bbs:8080") {
+		ctx, cancel := newCtx(t)
+		err := h.Provision(ctx)
+		cancel()
+		if err == nil || !strings.Contains(err.Error(), c.err) || !strings.Contains(err.Error(), "app.bbs:8080") {
 			t.Errorf("%+v: %v, want %q", c.hc, err, c.err)
 		}
 	}
@@ -344,7 +360,7 @@ func TestHandlerHealthWarning(t *testing.T) {
 // slow_start needs health checks, and is refused under hashing lb_policy choices.
 func TestSlowStartConfig(t *testing.T) {
 	h := &Headless{Service: "app.bbs:8080", Resolvers: []string{"127.0.0.1"}, SlowStart: caddy.Duration(time.Minute)}
-	if _, err := h.config(); err == nil || !strings.Contains(err.Error(), "needs health checks") {
+	if _, err := h.config(caddyfileEnv); err == nil || !strings.Contains(err.Error(), "needs health checks") {
 		t.Errorf("slow_start without health checks: %v", err)
 	}
 	for _, c := range []struct {

@@ -38,8 +38,8 @@ var (
 		"UDP replies that came back truncated, each asked again over TCP (TCP fallbacks).",
 		[]string{"service"}, nil)
 	descDropped = prometheus.NewDesc("caddy_headless_dropped_records_total",
-		"Records ignored because an answer exceeded a bound (records per answer, SRV targets looked up).",
-		[]string{"service"}, nil)
+		"Records ignored, by reason: bound (an answer exceeded a bound: records per answer, SRV targets looked up) or address (an endpoint address that allow_addresses/allow_cidrs do not allow, such as loopback or link-local).",
+		[]string{"service", "reason"}, nil)
 	descDuration = prometheus.NewDesc("caddy_headless_lookup_duration_seconds",
 		"How long one lookup of a headless Service took, failover and TCP fallback included.",
 		[]string{"service"}, nil)
@@ -190,7 +190,8 @@ func (c *serviceCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(descQueries, prometheus.CounterValue, float64(st.Queries), label)
 		ch <- prometheus.MustNewConstMetric(descTruncated, prometheus.CounterValue, float64(st.Truncated), label)
-		ch <- prometheus.MustNewConstMetric(descDropped, prometheus.CounterValue, float64(st.Dropped), label)
+		ch <- prometheus.MustNewConstMetric(descDropped, prometheus.CounterValue, float64(st.Dropped), label, "bound")
+		ch <- prometheus.MustNewConstMetric(descDropped, prometheus.CounterValue, float64(st.Refused), label, "address")
 		cum := make(map[float64]uint64, len(discovery.DurationBuckets))
 		var acc uint64
 		for i, ub := range discovery.DurationBuckets {

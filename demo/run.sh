@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: the story of DESIGN.md end to end on loopback, no cluster needed.
+# `make demo`: the story of docs/design.md end to end on loopback, no cluster needed.
 #
 #   - a stand-in for the cluster's DNS (answers like CoreDNS) serving
 #     demo/run/cluster.zone, a copy of demo/cluster.zone you can edit live;
@@ -24,7 +24,10 @@ export DEMO_HTTPS_PORT=${DEMO_HTTPS_PORT:-10443}
 export DEMO_HTTP_PORT=${DEMO_HTTP_PORT:-10080}
 export DEMO_ADMIN_PORT=${DEMO_ADMIN_PORT:-10019}
 dns=127.0.0.1:${DEMO_DNS_PORT:-10053}
-export HEADLESS_OPTIONS="resolvers $dns"
+# The demo's endpoints are on loopback, which DNS may not name unless allowed
+# (a cluster never does; see allow_addresses in the README).
+export HEADLESS_OPTIONS="resolvers $dns
+allow_addresses loopback"
 zone=$DEMO_RUN/cluster.zone
 ca=$DEMO_RUN/caddy/pki/authorities/local/root.crt
 site=bbs.test.com
@@ -58,15 +61,27 @@ stop_all() {
 	trap - EXIT INT TERM
 	((${#pids[@]})) || return 0
 	kill -TERM "${pids[@]}" 2>/dev/null || true
-	# Whatever has not stopped after 5s is killed.
-	(sleep 5 && kill -KILL "${pids[@]}" 2>/dev/null) &
-	local watchdog=$!
+	# Whatever has not stopped after 5s is killed (no helper process is left behind).
+	local p alive
+	for _ in $(seq 50); do
+		alive=
+		for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+		[ -n "$alive" ] || break
+		sleep 0.1
+	done
+	kill -KILL "${pids[@]}" 2>/dev/null || true
 	wait "${pids[@]}" 2>/dev/null || true
-	kill "$watchdog" 2>/dev/null || true
 	[ "$check" = 1 ] || say "demo: stopped (DNS stand-in, endpoints, Caddy)"
 }
 trap stop_all EXIT
-trap 'exit 130' INT TERM
+# Ctrl-C is how the demo ends: everything stops and the script exits 0, so
+# `make demo` reports no error. An interrupted check, or TERM, is a failure.
+if [ "$check" = 1 ]; then
+	trap 'exit 130' INT
+else
+	trap 'exit 0' INT
+fi
+trap 'exit 143' TERM
 
 # The DNS stand-in reports every zone change: on the terminal, or in a log for checks.
 if [ "$check" = 1 ]; then
@@ -119,10 +134,17 @@ From another terminal, in $root:
   $curl_cmd https://$site:$DEMO_HTTPS_PORT/api/items
   $curl_cmd https://$site:$DEMO_HTTPS_PORT/signin
 
+  # http:// redirects to https:// on port $DEMO_HTTPS_PORT
+  curl -si --resolve $site:$DEMO_HTTP_PORT:127.0.0.1 http://$site:$DEMO_HTTP_PORT/x | grep -i ^location
+
 An endpoint becomes ready: remove the ";" before the 127.0.0.58 line of ${zone#"$root"/}
-(or: sed -i 's/^;frontend/frontend/' ${zone#"$root"/}), save, and repeat the first curl:
-within a second both frontends answer, without a reload. Delete the 127.0.0.57 line and only
-127.0.0.58 answers; delete both and / fails (no ready endpoints) while /api keeps working.
+(or: sed -i 's/^;frontend/frontend/' ${zone#"$root"/}), save, and count who answers /:
+within a second both frontends do, without a reload:
+
+  for i in \$(seq 10); do $curl_cmd -s https://$site:$DEMO_HTTPS_PORT/ | cut -d: -f1-2; done | sort | uniq -c
+
+Delete the 127.0.0.57 line and only 127.0.0.58 answers; delete both and / fails (no ready
+endpoints) while /api keeps working.
 
 EOF
 	wait
@@ -164,9 +186,15 @@ expect /signin "backend at 127.0.0.27:8004: GET /signin"
 expect /signout/all "backend at 127.0.0.27:8004: GET /signout/all"
 expect /apidocs "frontend at 127.0.0.57:8001: GET /apidocs"
 redirect=$(curl -s -o /dev/null -w '%{http_code} %{redirect_url}' --max-time 10 \
-	--resolve "$site:$DEMO_HTTP_PORT:127.0.0.1" "http://$site:$DEMO_HTTP_PORT/x") || true
-[[ $redirect == "308 https://$site"* ]] || fail "http:// did not redirect to https:// (got \"$redirect\")"
-say "ok   http:// redirects to https:// ($redirect)"
+	--resolve "$site:$DEMO_HTTP_PORT:127.0.0.1" "http://$site:$DEMO_HTTP_PORT/x?y=1") || true
+[ "$redirect" = "308 https://$site:$DEMO_HTTPS_PORT/x?y=1" ] ||
+	fail "http:// did not redirect to the demo's https:// port (got \"$redirect\", want \"308 https://$site:$DEMO_HTTPS_PORT/x?y=1\")"
+followed=$(curl -sS --fail -L --max-time 10 --cacert "$ca" --resolve "$site:$DEMO_HTTP_PORT:127.0.0.1" \
+	--resolve "$site:$DEMO_HTTPS_PORT:127.0.0.1" "http://$site:$DEMO_HTTP_PORT/x?y=1") ||
+	fail "following the http:// redirect failed"
+[[ $followed == *"frontend at 127.0.0.57:8001: GET /x?y=1"* ]] ||
+	fail "following the http:// redirect answered \"$followed\"; want the frontend's answer to GET /x?y=1"
+say "ok   http:// redirects to https:// on port $DEMO_HTTPS_PORT ($redirect), and following it reaches the frontend"
 
 sed -i 's/^;frontend/frontend/' "$zone"
 eventually "endpoint added in DNS: 127.0.0.58 answers /" answers_from / 127.0.0.58

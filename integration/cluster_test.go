@@ -85,14 +85,9 @@ func (s *suite) startAPIServer() error {
 		"--enable-priority-and-fairness=false",
 		"--watch-cache=true",
 	}
-	server := fmt.Sprintf("https://127.0.0.1:%d", port)
-	c := s.httpsClient()
-	if err := waitFor(120*time.Second, 500*time.Millisecond, func() error {
-		if s.apiSrv.exited() {
-			return fmt.Errorf("kube-apiserver exited: %v", s.apiSrv.Err())
-		}
-		return httpOK(c, server+"/readyz", adminToken)
-	}); err != nil {
+	s.apiURL = fmt.Sprintf("https://127.0.0.1:%d", port)
+	server := s.apiURL
+	if err := s.runAPIServer(); err != nil {
 		return err
 	}
 	s.kubeconfig = filepath.Join(s.dir, "kubeconfig")

@@ -65,7 +65,7 @@ func (s *suite) handleProxy(path, ref, sourceExtra string) string {
 	return fmt.Sprintf("\thandle %s {\n%s\t}\n", path, s.reverseProxyTo("", ref, sourceExtra, ""))
 }
 
-// TestStory is the story of DESIGN.md: a UI VM and an API VM published as
+// TestStory is the story of docs/design.md: a UI VM and an API VM published as
 // headless Services without selectors, routed by path over HTTPS with a
 // certificate from the ACME CA, with the forwarding headers nginx used to set.
 func TestStory(t *testing.T) {

@@ -143,7 +143,7 @@ func (s *suite) setup() error {
 	if s.dir, err = os.MkdirTemp("", "caddy-headless-e2e-"); err != nil {
 		return err
 	}
-	if s.caddyBin, err = caddyBinary(s.dir); err != nil {
+	if s.caddyBin, err = caddyBinary(); err != nil {
 		return err
 	}
 	if s.ca, err = newTestCA(); err != nil {
@@ -181,9 +181,10 @@ func (s *suite) setup() error {
 	return nil
 }
 
-// caddyBinary returns $CADDY_BIN, or builds Caddy from this checkout with
-// xcaddy/build.sh into $HOME/.cache/caddy-headless/caddy.
-func caddyBinary(dir string) (string, error) {
+// caddyBinary returns $CADDY_BIN, or the checkout's bin/caddy, built with
+// xcaddy/build.sh unless it is newer than its sources (scripts/build-if-stale.sh):
+// `make test` builds it once for every step that needs it.
+func caddyBinary() (string, error) {
 	if b := os.Getenv("CADDY_BIN"); b != "" {
 		if _, err := os.Stat(b); err != nil {
 			return "", fmt.Errorf("CADDY_BIN: %w", err)
@@ -194,20 +195,16 @@ func caddyBinary(dir string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	script := filepath.Join(root, "xcaddy", "build.sh")
-	home, _ := os.UserHomeDir()
-	out := filepath.Join(home, ".cache", "caddy-headless", "caddy")
-	if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
-		return "", err
-	}
+	script := filepath.Join(root, "scripts", "build-if-stale.sh")
+	out := filepath.Join(root, "bin", "caddy")
 	t0 := time.Now()
 	cmd := exec.Command(script, out)
 	cmd.Dir = root
-	log, err := cmd.CombinedOutput()
-	if err != nil {
-		return "", fmt.Errorf("building Caddy with %s (set CADDY_BIN to use a built one): %w\n%s", script, err, log)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr // the build's progress
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("building Caddy with %s (set CADDY_BIN to use a built one): %w", script, err)
 	}
-	fmt.Printf("e2e: built Caddy with xcaddy/build.sh in %v\n", time.Since(t0).Round(time.Second))
+	fmt.Printf("e2e: Caddy %s ready in %v\n", out, time.Since(t0).Round(time.Second))
 	return out, nil
 }
 

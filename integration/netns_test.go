@@ -170,6 +170,11 @@ type vmReply struct {
 // the VM's namespace with E2E_VM_NAME set.
 func runVMServer(name string) {
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// ?sleep=<duration> makes a slow request (one still in flight
+		// when Caddy is told to stop).
+		if d, err := time.ParseDuration(r.URL.Query().Get("sleep")); err == nil && d > 0 && d <= time.Minute {
+			time.Sleep(d)
+		}
 		local := ""
 		if a, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr); ok {
 			local = a.String()

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Entry point of the end-to-end suite (called by `make test` and .ci/run):
 # builds the tool chain (cached in $HOME/.cache/caddy-headless/bin), then runs
-# the suite, which builds Caddy from this checkout with xcaddy/build.sh unless
-# CADDY_BIN names a binary. Needs root (network namespaces) and iproute2.
+# the suite, which uses the checkout's bin/caddy (built by xcaddy/build.sh if
+# stale) unless CADDY_BIN names a binary. Needs root (network namespaces) and
+# iproute2.
 # Extra arguments go to `go test` (e.g. -run TestStory).
 set -euo pipefail
 

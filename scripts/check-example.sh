@@ -30,7 +30,8 @@ check() { # check FILE [ENV...]
 }
 check Caddyfile.example
 check demo/Caddyfile DEMO_ADMIN_PORT=10019 DEMO_HTTP_PORT=10080 DEMO_HTTPS_PORT=10443 \
-	DEMO_RUN="$tmp/demo" HEADLESS_OPTIONS="resolvers 127.0.0.1:10053"
+	DEMO_RUN="$tmp/demo" HEADLESS_OPTIONS="resolvers 127.0.0.1:10053
+allow_addresses loopback"
 
 n=0
 for golden in caddymodule/testdata/caddyfile_adapt/*.caddyfiletest; do

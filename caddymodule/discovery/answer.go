@@ -58,6 +58,15 @@ type Result struct {
 	Queries, Truncated int
 	// Dropped counts records ignored because a bound was reached.
 	Dropped int
+	// Refused are the endpoints the Config's AddressPolicy did not allow
+	// (at most maxRefusedListed of them; RefusedCount counts all).
+	Refused      []RefusedEndpoint
+	RefusedCount int
+
+	// malformed says why an answer without usable records was not taken as
+	// NODATA (a CNAME chain past MaxCNAMEs, a loop, records for other names
+	// only); Lookup then fails with bad_answer.
+	malformed error
 }
 
 // Lookup resolves svc once: A and/or AAAA records of the FQDN plus the
@@ -91,6 +100,10 @@ func (r *Resolver) Lookup(ctx context.Context, svc Service, v4, v6 bool) (Result
 		}
 	}
 	res.Endpoints = finish(eps, &res.Dropped)
+	if len(res.Endpoints) == 0 && res.malformed != nil {
+		// Not "no ready endpoints": the answer is broken, keep the last good set.
+		return res, &LookupError{Name: svc.QName(), Type: svc.qtype(), Server: res.Server, Outcome: OutcomeBadAnswer, Err: res.malformed}
+	}
 	if len(res.Endpoints) > 0 {
 		res.Outcome = OutcomeSuccess
 	} else if res.Outcome == OutcomeSuccess {
@@ -102,6 +115,14 @@ func (r *Resolver) Lookup(ctx context.Context, svc Service, v4, v6 bool) (Result
 		res.TTL = fallbackTTL
 	}
 	return res, nil
+}
+
+// qtype is the record type a lookup of s asks first, for errors.
+func (s Service) qtype() uint16 {
+	if s.SRV() {
+		return dns.TypeSRV
+	}
+	return dns.TypeA
 }
 
 func (r *Resolver) lookupSRV(ctx context.Context, svc Service, types []uint16, res *Result) ([]Endpoint, error) {
@@ -181,6 +202,7 @@ func endpointsFromReply(m *dns.Msg, svc Service, qtype uint16, types []uint16, r
 	if qtype != dns.TypeSRV {
 		ips, ttl, outcome := addresses(m, svc.FQDN, qtype, &res.Dropped)
 		res.merge(outcome, ttl)
+		res.noteMalformed(m, svc.FQDN, qtype, outcome)
 		for _, ip := range ips {
 			eps = append(eps, Endpoint{IP: ip, Port: svc.Port})
 		}
@@ -188,6 +210,7 @@ func endpointsFromReply(m *dns.Msg, svc Service, qtype uint16, types []uint16, r
 	}
 	srvs, ttl, outcome := srvRecords(m, svc.QName(), &res.Dropped)
 	res.merge(outcome, ttl)
+	res.noteMalformed(m, svc.QName(), dns.TypeSRV, outcome)
 	glue := glueAddresses(m, srvs, types)
 	for _, srv := range srvs {
 		target := strings.ToLower(srv.Target)
@@ -241,12 +264,40 @@ func minTTL(a, b time.Duration) time.Duration {
 	return a
 }
 
+// noteMalformed records, for a reply of m that gave no records for name,
+// whether that is because the answer is broken rather than empty: a CNAME
+// chain longer than MaxCNAMEs, a CNAME loop, or records of the type asked
+// that all belong to other names. A real NODATA has none of these.
+func (res *Result) noteMalformed(m *dns.Msg, name string, qtype uint16, o Outcome) {
+	if o != OutcomeNoData || m.Rcode != dns.RcodeSuccess {
+		return
+	}
+	if _, err := cnameChain(m, name); err != nil {
+		res.malformed = err
+		return
+	}
+	for _, rr := range m.Answer {
+		if rr.Header().Rrtype == qtype {
+			res.malformed = fmt.Errorf("the answer holds %s records only for other names (such as %s), none for %s",
+				dns.TypeToString[qtype], strings.TrimSuffix(rr.Header().Name, "."), strings.TrimSuffix(name, "."))
+			return
+		}
+	}
+}
+
 // owners follows the CNAME chain for name inside the answer section and
 // returns every name whose records belong to the question (lowercased).
 func owners(m *dns.Msg, name string) map[string]bool {
+	own, _ := cnameChain(m, name)
+	return own
+}
+
+// cnameChain follows the CNAMEs from name inside the answer section, at most
+// MaxCNAMEs of them; the error says if the chain loops or goes on.
+func cnameChain(m *dns.Msg, name string) (map[string]bool, error) {
 	own := map[string]bool{strings.ToLower(name): true}
 	cur := strings.ToLower(name)
-	for range MaxCNAMEs {
+	for i := 0; ; i++ {
 		next := ""
 		for _, rr := range m.Answer {
 			if c, ok := rr.(*dns.CNAME); ok && strings.EqualFold(c.Hdr.Name, cur) {
@@ -254,13 +305,17 @@ func owners(m *dns.Msg, name string) map[string]bool {
 				break
 			}
 		}
-		if next == "" || own[next] {
-			break
+		switch {
+		case next == "":
+			return own, nil
+		case own[next]:
+			return own, fmt.Errorf("CNAME loop: %s points back to %s", strings.TrimSuffix(cur, "."), strings.TrimSuffix(next, "."))
+		case i == MaxCNAMEs:
+			return own, fmt.Errorf("CNAME chain from %s longer than %d", strings.TrimSuffix(name, "."), MaxCNAMEs)
 		}
 		own[next] = true
 		cur = next
 	}
-	return own
 }
 
 // addresses takes the A or AAAA records for name (following CNAMEs) from an

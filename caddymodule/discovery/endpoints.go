@@ -19,6 +19,7 @@ import (
 func (w *Watcher) Endpoints(ctx context.Context) ([]Endpoint, error) {
 	s := w.snap.Load()
 	if s == nil {
+		w.Run() // a request before the config started: look up now
 		timeout := w.cfg.Resolver.Timeout
 		if s = w.Wait(ctx, timeout); s == nil {
 			return nil, fmt.Errorf("service %s: %w within %s", w.cfg.Service, ErrNotResolved, timeout)

@@ -90,6 +90,7 @@ func TestEndpointsAskNoDNS(t *testing.T) {
 		srv := dnstest.Start(t, "frontend.bbs.svc.cluster.local. 5 IN A 127.0.0.2\nfrontend.bbs.svc.cluster.local. 5 IN A 127.0.0.3")
 		w, _ := startWatcher(t, srv, "frontend:8001", func(c *Config) {
 			c.IPv6 = false
+			c.Addresses.Loopback = true // allowed explicitly: the probes dial them
 			if health {
 				c.Health = &HealthCheck{TCP: true, Optimistic: true, Interval: time.Hour}
 			}

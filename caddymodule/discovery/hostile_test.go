@@ -372,16 +372,24 @@ func TestHostileCNAMEs(t *testing.T) {
 		outcome Outcome
 	}{
 		{"chain of MaxCNAMEs", chain(MaxCNAMEs, "192.0.2.10"), "192.0.2.10:80", OutcomeSuccess},
-		{"chain one longer than MaxCNAMEs", chain(MaxCNAMEs+1, "192.0.2.11"), "", OutcomeNoData},
-		{"chain of 500", chain(500, "192.0.2.12"), "", OutcomeNoData},
+		// A chain past the bound, or a loop without records, is a broken
+		// answer (bad_answer: the last good set is kept), not NODATA.
+		{"chain one longer than MaxCNAMEs", chain(MaxCNAMEs+1, "192.0.2.11"), "", OutcomeBadAnswer},
+		{"chain of 500", chain(500, "192.0.2.12"), "", OutcomeBadAnswer},
 		{"loop with an address inside", []string{
 			name + " 5 IN CNAME a.example.",
 			"a.example. 5 IN CNAME b.example.",
 			"b.example. 5 IN CNAME " + name,
 			"b.example. 5 IN A 192.0.2.13",
 		}, "192.0.2.13:80", OutcomeSuccess},
-		{"self loop", []string{name + " 5 IN CNAME " + name}, "", OutcomeNoData},
-		{"loop of 200 names", append(chain(199, "192.0.2.14"), "c198.example. 5 IN CNAME "+name), "", OutcomeNoData},
+		{"self loop", []string{name + " 5 IN CNAME " + name}, "", OutcomeBadAnswer},
+		{"loop of 200 names", append(chain(199, "192.0.2.14"), "c198.example. 5 IN CNAME "+name), "", OutcomeBadAnswer},
+		{"loop of 3 names", []string{
+			name + " 5 IN CNAME a.example.",
+			"a.example. 5 IN CNAME " + name,
+		}, "", OutcomeBadAnswer},
+		{"chain ending without records", []string{name + " 5 IN CNAME a.example."}, "", OutcomeNoData},
+		{"records for another name only", []string{"other.example. 5 IN A 192.0.2.17"}, "", OutcomeBadAnswer},
 		{"two CNAMEs for one name", []string{
 			name + " 5 IN CNAME a.example.",
 			name + " 5 IN CNAME b.example.",
@@ -397,6 +405,10 @@ func TestHostileCNAMEs(t *testing.T) {
 			})
 			r := &Resolver{Servers: []string{srv.Addr}, Timeout: time.Second}
 			res, err := hostileLookup(t, r, name+":80", true, false)
+			if tc.outcome == OutcomeBadAnswer {
+				wantOutcome(t, err, OutcomeBadAnswer)
+				return
+			}
 			if err != nil || dials(res.Endpoints) != tc.want || res.Outcome != tc.outcome {
 				t.Fatalf("got [%s] %s, %v; want [%s] %s", dials(res.Endpoints), res.Outcome, err, tc.want, tc.outcome)
 			}
@@ -857,6 +869,16 @@ func TestHostileWatcherKeepsLastGoodSet(t *testing.T) {
 		case "silent":
 			return nil
 		}
+		name := q.Question[0].Name
+		if recs, ok := map[string][]string{
+			"cname loop":       {name + " 5 IN CNAME a.example.", "a.example. 5 IN CNAME " + name},
+			"cname chain of 9": cnameChain9(name),
+			"other names only": {"evil.example. 5 IN A 192.0.2.1"},
+			"loopback only":    {name + " 5 IN A 127.0.0.1"},
+			"metadata only":    {name + " 5 IN A 169.254.169.254"},
+		}[mode.Load().(string)]; ok {
+			return [][]byte{mustPack(t, hostileReply(t, q, recs...))}
+		}
 		return truncatedUDP(q) // the TCP cases
 	}, func(q *dns.Msg, c net.Conn) {
 		switch mode.Load() {
@@ -903,6 +925,11 @@ func TestHostileWatcherKeepsLastGoodSet(t *testing.T) {
 		{"tcp wrong id", OutcomeBadAnswer},
 		{"tcp cut", OutcomeNetwork},
 		{"tcp truncated empty", OutcomeBadAnswer},
+		{"cname loop", OutcomeBadAnswer},
+		{"cname chain of 9", OutcomeBadAnswer},
+		{"other names only", OutcomeBadAnswer},
+		{"loopback only", OutcomeBadAnswer},
+		{"metadata only", OutcomeBadAnswer},
 	} {
 		mode.Store(tc.mode)
 		s := refresh()
@@ -928,4 +955,16 @@ func TestHostileWatcherKeepsLastGoodSet(t *testing.T) {
 	if grown := int64(heapInUse()) - int64(heap); grown > 8<<20 {
 		t.Errorf("heap grew by %d MiB", grown>>20)
 	}
+}
+
+// cnameChain9 is a chain of MaxCNAMEs+1 CNAMEs from name, then an address.
+func cnameChain9(name string) []string {
+	var recs []string
+	prev := name
+	for i := range MaxCNAMEs + 1 {
+		next := fmt.Sprintf("c%d.example.", i)
+		recs = append(recs, prev+" 5 IN CNAME "+next)
+		prev = next
+	}
+	return append(recs, prev+" 5 IN A 192.0.2.10")
 }

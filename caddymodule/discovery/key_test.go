@@ -3,6 +3,7 @@ package discovery
 import (
 	"crypto/tls"
 	"net/http"
+	"net/netip"
 	"reflect"
 	"regexp"
 	"strings"
@@ -106,6 +107,8 @@ func vary(v reflect.Value) bool {
 		v.Set(reflect.ValueOf(regexp.MustCompile("other")))
 	case v.Type() == reflect.TypeOf((*tls.Config)(nil)):
 		v.Set(reflect.ValueOf(&tls.Config{ServerName: "other"}))
+	case v.Type() == reflect.TypeOf([]netip.Prefix{}):
+		v.Set(reflect.Append(v, reflect.ValueOf(netip.MustParsePrefix("10.0.0.0/8"))))
 	case v.Type() == reflect.TypeOf(http.Header{}):
 		v.Set(reflect.ValueOf(http.Header{"Host": {"app"}, "X-Other": {"1"}}))
 	case v.Kind() == reflect.Bool:

@@ -225,6 +225,11 @@ func NormalizeServer(s string) (string, error) {
 	if host == "" {
 		return "", fmt.Errorf("resolver %q: missing host", s)
 	}
+	if net.ParseIP(host) == nil {
+		if err := checkName(strings.ToLower(strings.TrimSuffix(host, ".")) + "."); err != nil {
+			return "", fmt.Errorf("resolver %q: host %q is neither an IP address nor a host name", s, host)
+		}
+	}
 	var p int
 	if _, err := fmt.Sscanf(port, "%d", &p); err != nil || p < 1 || p > 65535 || fmt.Sprint(p) != port {
 		return "", fmt.Errorf("resolver %q: port %q is not a number in 1-65535", s, port)

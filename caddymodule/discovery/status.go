@@ -50,8 +50,9 @@ type HealthStatus struct {
 type Stats struct {
 	// Lookups counts finished lookups by outcome.
 	Lookups map[Outcome]uint64
-	// Queries, Truncated and Dropped add up the Results of the lookups.
-	Queries, Truncated, Dropped uint64
+	// Queries, Truncated and Dropped add up the Results of the lookups;
+	// Refused counts the endpoints the AddressPolicy did not allow.
+	Queries, Truncated, Dropped, Refused uint64
 	// Durations[i] counts the lookups that took at most DurationBuckets[i]
 	// (and longer than the bound before); the last entry counts the rest.
 	Durations []uint64
@@ -92,6 +93,7 @@ func (s *Stats) Add(o Stats) {
 	s.Queries += o.Queries
 	s.Truncated += o.Truncated
 	s.Dropped += o.Dropped
+	s.Refused += o.Refused
 	s.DurationSum += o.DurationSum
 	s.Passes += o.Passes
 	s.Fails += o.Fails
@@ -121,6 +123,7 @@ func (st *stats) lookup(o Outcome, took time.Duration, res Result) {
 	st.s.Queries += uint64(max(res.Queries, 0))
 	st.s.Truncated += uint64(max(res.Truncated, 0))
 	st.s.Dropped += uint64(max(res.Dropped, 0))
+	st.s.Refused += uint64(max(res.RefusedCount, 0))
 	st.s.Durations[b]++
 	st.s.DurationSum += took
 }

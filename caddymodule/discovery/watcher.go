@@ -30,6 +30,9 @@ type Config struct {
 	Stale time.Duration
 	// Health, if set, turns on active health checks of the endpoints.
 	Health *HealthCheck
+	// Addresses decides which endpoint addresses are used; by default not
+	// loopback or link-local ones.
+	Addresses AddressPolicy
 }
 
 // DefaultRefresh is the re-check interval when a Config sets none: cluster DNS
@@ -74,6 +77,7 @@ func (c Config) Key() string {
 	key := fmt.Sprintf("%s port=%d v4=%t v6=%t servers=%q timeout=%s udp=%d refresh=%s-%s stale=%s",
 		c.Service.QName(), c.Service.Port, c.IPv4, c.IPv6, r.Servers, r.Timeout, r.UDPSize,
 		c.RefreshMin, c.RefreshMax, c.Stale)
+	key += " addresses: " + c.Addresses.key()
 	if h := c.Health; h != nil {
 		body := ""
 		if h.Body != nil {
@@ -140,7 +144,9 @@ type Watcher struct {
 	coin   func() float64 // slow start's draws, in [0,1)
 
 	kick   chan struct{}
+	ctx    context.Context // the run goroutine's
 	cancel context.CancelFunc
+	begin  sync.Once // starts the run goroutine, or (in Stop) makes sure it never starts
 	done   chan struct{}
 
 	mu        sync.Mutex
@@ -148,8 +154,8 @@ type Watcher struct {
 	base      *zap.Logger   // Start's logger, used when none is attached
 	attached  []*zap.Logger // by AttachLogger, oldest first
 
-	started  atomic.Uint64 // Seq of the newest lookup started
-	lastWarn time.Time     // owned by the run goroutine
+	started atomic.Uint64 // Seq of the newest lookup started
+	warned  warnings      // owned by the run goroutine
 
 	prober *Prober // nil without health checks
 }
@@ -161,6 +167,21 @@ var ErrNotResolved = errors.New("not resolved yet")
 // resolving at once, in the background. It logs through logger while no
 // other is attached.
 func Start(cfg Config, logger *zap.Logger) *Watcher {
+	w := New(cfg, logger)
+	w.Run()
+	return w
+}
+
+// Run begins resolving in the background, if the Watcher has not yet begun
+// (or been stopped). A Watcher made by New asks no DNS before Run, or before
+// the first Endpoints call, whichever comes first.
+func (w *Watcher) Run() {
+	w.begin.Do(func() { go w.run(w.ctx) })
+}
+
+// New creates a Watcher for cfg (with its defaults filled in) that does
+// nothing until Run.
+func New(cfg Config, logger *zap.Logger) *Watcher {
 	cfg = cfg.WithDefaults()
 	cfg.RefreshMin = max(cfg.RefreshMin, time.Millisecond) // callers validate; never spin
 	cfg.RefreshMax = max(cfg.RefreshMax, cfg.RefreshMin)
@@ -183,7 +204,7 @@ func Start(cfg Config, logger *zap.Logger) *Watcher {
 		w.prober = newProber(*cfg.Health, cfg.Service, &w.logger)
 		w.prober.stats = &w.stats
 	}
-	go w.run(ctx)
+	w.ctx = ctx
 	return w
 }
 
@@ -232,6 +253,7 @@ func (w *Watcher) Snapshot() *Snapshot { return w.snap.Load() }
 // Stop ends the refresh loop and waits for it, cancelling a lookup in flight.
 func (w *Watcher) Stop() {
 	w.cancel()
+	w.begin.Do(func() { close(w.done) }) // never ran
 	<-w.done
 	if w.prober != nil {
 		w.prober.stop()
@@ -257,6 +279,7 @@ func (w *Watcher) Refresh() {
 func (w *Watcher) RefreshNow(ctx context.Context) (*Snapshot, error) {
 	// A lookup in flight may have started before this call: wait for the one
 	// after it. Without one in flight, the next lookup will do.
+	w.Run() // asked for explicitly: the Service is in use
 	after := w.started.Load()
 	// One kick is enough: it stays queued until the loop takes it, and a taken
 	// kick always leads to a lookup. Kicking again on every wake-up could queue
@@ -351,6 +374,9 @@ func (w *Watcher) run(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
+		if err == nil {
+			err = w.cfg.Addresses.apply(w.cfg.Service, &res)
+		}
 		now := time.Now()
 		if err != nil {
 			failures++
@@ -437,10 +463,11 @@ func (w *Watcher) next(prev *Snapshot, res Result, err error, now time.Time, seq
 			s.Unavailable = nil
 		}
 		w.logChange(log, prev, s, res)
-		if res.Dropped > 0 {
+		if res.Dropped > 0 && w.warned.due(&w.warned.bound, "bound", now) {
 			log.Warn("DNS answer exceeded a bound; extra records ignored",
 				zap.String("service", svc.String()), zap.Int("dropped", res.Dropped))
 		}
+		w.logRefused(log, res, now)
 		return s
 	}
 
@@ -468,7 +495,7 @@ func (w *Watcher) next(prev *Snapshot, res Result, err error, now time.Time, seq
 					svc, now.Sub(s.StaleSince).Round(time.Second), w.cfg.Stale, err)
 				log.Warn("DNS refresh failed past the stale bound; dropping endpoints: requests to "+svc.String()+" will fail",
 					zap.String("service", svc.String()), zap.Int("dropped", len(prev.Endpoints)), zap.Error(err))
-				w.lastWarn = now
+				w.warned.failure = warnState{what: "expired", at: now}
 				return s
 			}
 			if deadline.Before(s.Next) {
@@ -477,11 +504,16 @@ func (w *Watcher) next(prev *Snapshot, res Result, err error, now time.Time, seq
 		}
 		consequence = fmt.Sprintf("keeping %d endpoints from %s ago", len(s.Endpoints), now.Sub(s.Resolved).Round(time.Second))
 	}
-	// Warn when failures start or the error changes, then at most every 30 s.
-	if prev == nil || prev.Err == nil || prev.Err.Error() != err.Error() || now.Sub(w.lastWarn) >= 30*time.Second {
+	// Warn when failures start or change kind, then at most every 30 s.
+	if prev == nil || prev.Err == nil {
+		w.warned.failure = warnState{}
+	}
+	if res.RefusedCount > 0 { // an answer of refused addresses only; a failed lookup says nothing of them
+		w.logRefused(log, res, now)
+	}
+	if w.warned.due(&w.warned.failure, failureKind(err), now) {
 		log.Warn("DNS refresh failed; "+consequence,
 			zap.String("service", svc.String()), zap.Int("failures", failures), zap.Error(err))
-		w.lastWarn = now
 	}
 	return s
 }

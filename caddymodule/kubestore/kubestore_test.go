@@ -104,3 +104,45 @@ func TestNewRejectsBadConfig(t *testing.T) {
 		}
 	}
 }
+
+// TestStoreWhenAnotherWriterComesBetween: between Store's read and its
+// write another replica changes (409 Conflict) or deletes (404 on PUT, no
+// create-on-update) the Secret. Store reads again and its value wins.
+func TestStoreWhenAnotherWriterComesBetween(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		mutate func(obj map[string]any)
+	}{
+		{"changed", func(obj map[string]any) { obj["data"] = map[string]any{"value": "b3RoZXI="} }},
+		{"deleted", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := kubetest.New(t, "caddy")
+			s, err := kubestore.New(f.Config("caddy"), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx := context.Background()
+			if err := s.Store(ctx, "k", []byte("first")); err != nil {
+				t.Fatal(err)
+			}
+			name := f.SecretNames("caddy")[0]
+			once := true
+			f.BeforeRequest(func(verb, resource, obj string) {
+				if verb == "update" && once {
+					once = false
+					f.Mutate("caddy", "secrets", name, tc.mutate)
+				}
+			})
+			if err := s.Store(ctx, "k", []byte("mine")); err != nil {
+				t.Fatalf("Store: %v", err)
+			}
+			if once {
+				t.Fatal("the other writer never came between")
+			}
+			if got, err := s.Load(ctx, "k"); err != nil || string(got) != "mine" {
+				t.Fatalf("Load = %q, %v; want the value of the last Store", got, err)
+			}
+		})
+	}
+}

@@ -67,8 +67,9 @@ func (s *Storage) tableKey(object string) string {
 	return s.cfg.Endpoint + "|" + s.cfg.Namespace + "|" + s.cfg.Identity + "|" + object
 }
 
-// observe records the Lease's resourceVersion and returns how long ago
-// this process first saw it at that version.
+// unchangedFor records the Lease's resourceVersion and returns how long
+// this process has watched it unchanged: since it first saw it at that
+// version, or since it could last not read it (forget), whichever is later.
 func (s *Storage) unchangedFor(object string, l *lease) time.Duration {
 	k := s.tableKey(object)
 	now := time.Now()
@@ -150,6 +151,9 @@ func (s *Storage) tryOnce(ctx context.Context, name string) (bool, error) {
 		return true, nil
 	}
 	if err != nil {
+		// While we cannot see the Lease, its holder may not be able to renew
+		// it either (apiserver down): staleness counts only time we watched.
+		forget(k)
 		return false, fmt.Errorf("lock %q: %w", name, err)
 	}
 	prev := cur.Spec.HolderIdentity

@@ -33,9 +33,8 @@ func TestLostLockIsLoggedAndNotFreed(t *testing.T) {
 		t.Fatalf("Leases after one Lock: %q", leases)
 	}
 	lease := leases[0]
-	if !api.SetLeaseHolder("caddy", lease, "intruder/1") {
-		t.Fatal("no Lease for the held lock")
-	}
+	// Another replica takes the Lease over.
+	api.Mutate("caddy", "leases", lease, func(o map[string]any) { o["spec"].(map[string]any)["holderIdentity"] = "intruder/1" })
 	deadline := time.Now().Add(10 * time.Second)
 	for logs.FilterMessageSnippet("lock lost").Len() == 0 && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
@@ -53,5 +52,44 @@ func TestLostLockIsLoggedAndNotFreed(t *testing.T) {
 	}
 	if h := api.LeaseHolder("caddy", lease); h != "intruder/1" {
 		t.Fatalf("after the late Unlock the Lease holder is %q, want the new holder's to be left alone", h)
+	}
+}
+
+// TestOutageDoesNotCountAsStaleness: the apiserver answers nothing for
+// longer than lease_duration, so the holder cannot renew. A waiter that
+// polled through the outage must not take the lock at its first read
+// afterwards: it did not watch the Lease go unrenewed, it watched nothing.
+func TestOutageDoesNotCountAsStaleness(t *testing.T) {
+	api := kubetest.New(t, "caddy")
+	cfg := api.Config("caddy")
+	holder, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Identity = "waiter"
+	waiter, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := holder.Lock(ctx, "l"); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := waiter.TryLock(ctx, "l"); ok || err != nil {
+		t.Fatalf("TryLock of a live lock = %v, %v", ok, err)
+	}
+	api.SetDown(true)
+	for end := time.Now().Add(cfg.LeaseDuration + 500*time.Millisecond); time.Now().Before(end); {
+		if ok, _ := waiter.TryLock(ctx, "l"); ok {
+			t.Fatal("TryLock succeeded while the apiserver was down")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	api.SetDown(false)
+	if ok, err := waiter.TryLock(ctx, "l"); ok || err != nil {
+		t.Fatalf("first TryLock after the outage = %v, %v: the outage was counted as the holder's silence", ok, err)
+	}
+	if err := holder.Unlock(ctx, "l"); err != nil {
+		t.Fatalf("the holder's Unlock after the outage: %v", err)
 	}
 }

@@ -125,6 +125,7 @@ func (s *Storage) Store(ctx context.Context, key string, value []byte) (err erro
 		cur, err := s.api.getSecret(ctx, name)
 		switch {
 		case isNotFound(err):
+			want.Metadata.ResourceVersion = "" // a create carries none
 			if _, err = s.api.createSecret(ctx, &want); !isConflict(err) {
 				return wrapKey("storing", key, err)
 			}

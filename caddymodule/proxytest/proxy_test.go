@@ -144,7 +144,8 @@ func TestTrafficFollowsDNS(t *testing.T) {
 	reverse_proxy {
 		dynamic headless app.bbs:%d {
 			resolvers %s
-			refresh 50ms
+			refresh 100ms
+			allow_addresses loopback # the backends listen on 127.0.0.x
 			versions ipv4
 		}
 		lb_policy round_robin
@@ -215,6 +216,7 @@ func TestTruncatedSRVAnswerOverTCP(t *testing.T) {
 		dynamic headless web.bbs:http {
 			resolvers %s
 			edns_buffer_size 512
+			allow_addresses loopback # the backends listen on 127.0.0.1
 		}
 		lb_policy round_robin
 	}`, dnsSrv.Addr))

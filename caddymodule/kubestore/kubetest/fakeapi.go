@@ -302,11 +302,16 @@ func (f *API) Requests() []string {
 }
 
 // SecretNames lists the Secrets in ns.
-func (f *API) SecretNames(ns string) []string {
+func (f *API) SecretNames(ns string) []string { return f.names("secrets/" + ns) }
+
+// LeaseNames lists the Leases in ns.
+func (f *API) LeaseNames(ns string) []string { return f.names("leases/" + ns) }
+
+func (f *API) names(collection string) []string {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	var names []string
-	for n := range f.objects["secrets/"+ns] {
+	for n := range f.objects[collection] {
 		names = append(names, n)
 	}
 	sort.Strings(names)
@@ -315,21 +320,6 @@ func (f *API) SecretNames(ns string) []string {
 
 func pemOf(der []byte) []byte {
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
-}
-
-// SetLeaseHolder rewrites the holder of a Lease, as another replica taking
-// it over would (a new resourceVersion). It reports whether the Lease exists.
-func (f *API) SetLeaseHolder(ns, name, holder string) bool {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	o, ok := f.objects["leases/"+ns][name].(map[string]any)
-	if !ok {
-		return false
-	}
-	o["spec"].(map[string]any)["holderIdentity"] = holder
-	f.rv++
-	o["metadata"].(map[string]any)["resourceVersion"] = strconv.Itoa(f.rv)
-	return true
 }
 
 // LeaseHolder is the holder of a Lease, "" if there is no such Lease.
@@ -344,14 +334,30 @@ func (f *API) LeaseHolder(ns, name string) string {
 	return h
 }
 
-// LeaseNames lists the Leases in ns.
-func (f *API) LeaseNames(ns string) []string {
+// BeforeRequest makes fn run before every request is answered ("verb",
+// "secrets"|"leases", object name), outside the fake's lock, so that fn
+// can change objects as another replica would.
+func (f *API) BeforeRequest(fn func(verb, resource, name string)) {
+	f.mu.Lock()
+	f.hook = fn
+	f.mu.Unlock()
+}
+
+// Mutate changes a stored object as another writer would: fn edits it (nil
+// fn deletes it) and it gets a new resourceVersion.
+func (f *API) Mutate(ns, resource, name string, fn func(obj map[string]any)) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	var names []string
-	for n := range f.objects["leases/"+ns] {
-		names = append(names, n)
+	objs := f.objects[resource+"/"+ns]
+	o, ok := objs[name].(map[string]any)
+	if !ok {
+		return
 	}
-	sort.Strings(names)
-	return names
+	if fn == nil {
+		delete(objs, name)
+		return
+	}
+	fn(o)
+	f.rv++
+	o["metadata"].(map[string]any)["resourceVersion"] = strconv.Itoa(f.rv)
 }
