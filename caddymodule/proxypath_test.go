@@ -124,7 +124,6 @@ func handlerJSON(source, policy, name, resolver string, dials []string, extra st
 // the full list, and no request is in flight (least_conn breaks its ties at
 // random, as it does among idle endpoints).
 func TestProxyPathSpread(t *testing.T) {
-	t.Parallel()
 	const n, requests = 1000, 100_000
 	zone, dials := zoneOf("spread", 5, n)
 	srv := dnstest.Start(t, zone)
@@ -176,7 +175,6 @@ func TestProxyPathSpread(t *testing.T) {
 // retry, 5,000 requests see about 20 failures: none by luck has a chance
 // of 3e-9).
 func TestProxyPathDownFraction(t *testing.T) {
-	t.Parallel()
 	const n = 1000
 	zone, dials := zoneOf("halfdown", 6, n)
 	srv := dnstest.Start(t, zone)
