@@ -86,30 +86,11 @@ func (s *suite) startAPIServer() error {
 		"--watch-cache=true",
 	}
 	s.apiURL = fmt.Sprintf("https://127.0.0.1:%d", port)
-	server := s.apiURL
 	if err := s.runAPIServer(); err != nil {
 		return err
 	}
 	s.kubeconfig = filepath.Join(s.dir, "kubeconfig")
-	kc := fmt.Sprintf(`apiVersion: v1
-kind: Config
-clusters:
-- name: e2e
-  cluster:
-    server: %s
-    certificate-authority: %s
-users:
-- name: e2e-admin
-  user:
-    token: %s
-contexts:
-- name: e2e
-  context:
-    cluster: e2e
-    user: e2e-admin
-current-context: e2e
-`, server, s.caFile, adminToken)
-	if err := os.WriteFile(s.kubeconfig, []byte(kc), 0o600); err != nil {
+	if err := s.writeKubeconfig(s.kubeconfig, "e2e-admin", adminToken, ""); err != nil {
 		return err
 	}
 	// The default namespace is made by the apiserver's own bootstrap
@@ -159,6 +140,33 @@ cluster.local:%[1]d {
 		return err
 	}
 	return s.runCoreDNS()
+}
+
+// writeKubeconfig writes a kubeconfig for the suite's apiserver that
+// authenticates as user with token, in namespace ns ("" for default).
+func (s *suite) writeKubeconfig(path, user, token, ns string) error {
+	if ns != "" {
+		ns = "\n    namespace: " + ns
+	}
+	kc := fmt.Sprintf(`apiVersion: v1
+kind: Config
+clusters:
+- name: e2e
+  cluster:
+    server: %s
+    certificate-authority: %s
+users:
+- name: %s
+  user:
+    token: %s
+contexts:
+- name: e2e
+  context:
+    cluster: e2e
+    user: %s%s
+current-context: e2e
+`, s.apiURL, s.caFile, user, token, user, ns)
+	return os.WriteFile(path, []byte(kc), 0o600)
 }
 
 // runAPIServer starts kube-apiserver (again: same port, same etcd) and waits

@@ -458,26 +458,7 @@ func (s *suite) saKubeconfig(t *testing.T) (path, token string) {
 	t.Helper()
 	token = strings.TrimSpace(s.kubectl(t, "-n", deployNS, "create", "token", "caddy", "--duration=1h"))
 	path = filepath.Join(t.TempDir(), "kubeconfig")
-	body := fmt.Sprintf(`apiVersion: v1
-kind: Config
-clusters:
-- name: e2e
-  cluster:
-    server: %s
-    certificate-authority: %s
-users:
-- name: caddy
-  user:
-    token: %s
-contexts:
-- name: caddy
-  context:
-    cluster: e2e
-    user: caddy
-    namespace: %s
-current-context: caddy
-`, s.apiServer(t), s.caFile, token, deployNS)
-	if err := os.WriteFile(path, []byte(body), 0o600); err != nil {
+	if err := s.writeKubeconfig(path, "caddy", token, deployNS); err != nil {
 		t.Fatal(err)
 	}
 	return path, token
@@ -563,22 +544,6 @@ func TestDeployRBAC(t *testing.T) {
 	if out, err := as("get", "secrets", "-n", "default"); err == nil || !strings.Contains(out, "Forbidden") {
 		t.Errorf("the ServiceAccount read Secrets of namespace default: %v\n%s", err, out)
 	}
-}
-
-// apiServer is the suite's kube-apiserver, https://127.0.0.1:port.
-func (s *suite) apiServer(t *testing.T) string {
-	t.Helper()
-	var kc struct {
-		Clusters []struct {
-			Cluster struct {
-				Server string `json:"server"`
-			} `json:"cluster"`
-		} `json:"clusters"`
-	}
-	if err := json.Unmarshal([]byte(s.kubectl(t, "config", "view", "-o", "json")), &kc); err != nil || len(kc.Clusters) == 0 {
-		t.Fatalf("reading the suite's kubeconfig: %v", err)
-	}
-	return kc.Clusters[0].Cluster.Server
 }
 
 // The Role of deploy/base is the one the README documents for storage k8s

@@ -65,13 +65,12 @@ func (s *suite) handleProxy(path, ref, sourceExtra string) string {
 	return fmt.Sprintf("\thandle %s {\n%s\t}\n", path, s.reverseProxyTo("", ref, sourceExtra, ""))
 }
 
-// TestStory is the story of docs/design.md: a UI VM and an API VM published as
-// headless Services without selectors, routed by path over HTTPS with a
-// certificate from the ACME CA, with the forwarding headers nginx used to set.
-func TestStory(t *testing.T) {
-	s := requireSuite(t)
+// storyBackends publishes the story's two VMs as the headless Services
+// frontend.bbs (port 8001) and backend.bbs (port http, 8004).
+func (s *suite) storyBackends(t *testing.T) (ui, api *vm) {
+	t.Helper()
 	vms := s.useVMs(t, 1, 2)
-	ui, api := vms[0], vms[1]
+	ui, api = vms[0], vms[1]
 	s.namespace(t, "bbs")
 	s.apply(t,
 		headlessService("bbs", "frontend", map[string]int{"http": 8001}),
@@ -79,6 +78,15 @@ func TestStory(t *testing.T) {
 		headlessService("bbs", "backend", map[string]int{"http": 8004}),
 		endpointSlice("bbs", "backend", "backend-1", "IPv4", map[string]int{"http": 8004}, endpoint{addr: api.v4, ready: true}),
 	)
+	return ui, api
+}
+
+// TestStory is the story of docs/design.md: a UI VM and an API VM published as
+// headless Services without selectors, routed by path over HTTPS with a
+// certificate from the ACME CA, with the forwarding headers nginx used to set.
+func TestStory(t *testing.T) {
+	s := requireSuite(t)
+	ui, api := s.storyBackends(t)
 	// The project's own Caddyfile.example, behind the suite's global
 	// options; it takes the resolver from $HEADLESS_OPTIONS. Storage of its
 	// own, so that this Caddy obtains a certificate rather than loading one

@@ -265,15 +265,7 @@ func TestDeployPods(t *testing.T) {
 	s.kubectl(t, "apply", "-k", deployDir("overlays/example"))
 
 	// The story's backends, as in TestStory.
-	vms := s.useVMs(t, 1, 2)
-	ui, api := vms[0], vms[1]
-	s.namespace(t, "bbs")
-	s.apply(t,
-		headlessService("bbs", "frontend", map[string]int{"http": 8001}),
-		endpointSlice("bbs", "frontend", "frontend-1", "IPv4", map[string]int{"http": 8001}, endpoint{addr: ui.v4, ready: true}),
-		headlessService("bbs", "backend", map[string]int{"http": 8004}),
-		endpointSlice("bbs", "backend", "backend-1", "IPv4", map[string]int{"http": 8004}, endpoint{addr: api.v4, ready: true}),
-	)
+	ui, api := s.storyBackends(t)
 
 	// The ConfigMap the Deployment mounts, as the kubelet would mount it.
 	var d deploymentObj
@@ -303,7 +295,7 @@ func TestDeployPods(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	u, err := url.Parse(s.apiServer(t))
+	u, err := url.Parse(s.apiURL)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -64,10 +64,7 @@ func (s *suite) storageAccount(t *testing.T, ns string) string {
 		docs = append(docs, strings.ReplaceAll(d, "namespace: caddy-system", "namespace: "+ns))
 	}
 	s.apply(t, docs...)
-	tok, err := run(s.tool("kubectl"), "--kubeconfig", s.kubeconfig, "-n", ns, "create", "token", "caddy", "--duration=2h")
-	if err != nil {
-		t.Fatalf("kubectl create token: %v", err)
-	}
+	tok := s.kubectl(t, "-n", ns, "create", "token", "caddy", "--duration=2h")
 	f := filepath.Join(s.dir, "token-"+ns)
 	if err := os.WriteFile(f, []byte(strings.TrimSpace(tok)), 0o600); err != nil {
 		t.Fatal(err)
