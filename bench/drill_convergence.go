@@ -100,7 +100,7 @@ func drillConvergence(ctx context.Context, h *harness) (*section, error) {
 			"request the removed one serves (the last before %s without any). Watched for at most %s per step; a "+
 			"step that does not converge ends the target's run.", loadRate, steps, quiet, limit),
 		tables: []*table{t},
-		notes: []string{"Ours follows within one refresh interval (up to 10% earlier, jitter); `dynamic a` only " +
+		notes: []string{"Ours follows within one refresh interval (plus up to 10%, jitter); `dynamic a` only " +
 			"when a request finds its cache entry older than `refresh` (1 minute by default). HAProxy re-resolves " +
 			"every `timeout resolve` (1s) and moves the server slot to the new address, but keeps reusing the idle " +
 			"kept-alive connections it has to the old address, so a removed endpoint that is still up keeps getting " +

@@ -54,7 +54,8 @@ type Headless struct {
 	ClusterDomain string `json:"cluster_domain,omitempty"`
 
 	// The shortest interval between re-checks. The record TTL is clamped to
-	// [refresh_min, refresh_max], then shortened by up to 10% of jitter.
+	// [refresh_min, refresh_max], then lengthened by up to 10% of jitter (so a
+	// Service is asked at most once per interval on average).
 	// Default: 1s — cluster DNS answers from memory and shows a pod change within
 	// tens of milliseconds, so its TTLs (5–30 s) need not be waited for.
 	RefreshMin caddy.Duration `json:"refresh_min,omitempty"`

@@ -137,8 +137,8 @@ func TestWatcherKeepsLastGoodSetOnErrors(t *testing.T) {
 				t.Fatalf("want a warning saying what is kept, got %v", warn)
 			}
 			// The next attempt comes after a short backoff, not the 1h refresh.
-			if wait := s.Next.Sub(s.ErrAt); wait > 250*time.Millisecond || wait < 225*time.Millisecond {
-				t.Errorf("first retry in %s, want 225-250ms", wait)
+			if wait := s.Next.Sub(s.ErrAt); wait < 250*time.Millisecond || wait > 275*time.Millisecond {
+				t.Errorf("first retry in %s, want 250-275ms", wait)
 			}
 
 			srv.Fail(-1)
@@ -199,8 +199,8 @@ func TestWatcherIntervalFollowsTTL(t *testing.T) {
 		if s == nil {
 			t.Fatal("no snapshot")
 		}
-		if got := s.Next.Sub(s.Resolved); got > tc.want || got < tc.want*9/10 {
-			t.Errorf("ttl %s, refresh [%s,%s]: next in %s, want %s minus at most 10%% jitter", tc.ttl, tc.min, tc.max, got, tc.want)
+		if got := s.Next.Sub(s.Resolved); got < tc.want || got > tc.want*11/10 {
+			t.Errorf("ttl %s, refresh [%s,%s]: next in %s, want %s plus at most 10%% jitter", tc.ttl, tc.min, tc.max, got, tc.want)
 		}
 	}
 }
