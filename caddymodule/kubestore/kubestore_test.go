@@ -146,3 +146,25 @@ func TestStoreWhenAnotherWriterComesBetween(t *testing.T) {
 		})
 	}
 }
+
+// TestLoadChecksTheKeyAnnotation: a Secret under a key's name whose
+// annotation names another key (a collision, or someone else's object) is
+// never handed out as that key's value.
+func TestLoadChecksTheKeyAnnotation(t *testing.T) {
+	f := kubetest.New(t, "caddy")
+	s, err := kubestore.New(f.Config("caddy"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := s.Store(ctx, "k", []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+	name := f.SecretNames("caddy")[0]
+	f.Mutate("caddy", "secrets", name, func(o map[string]any) {
+		o["metadata"].(map[string]any)["annotations"].(map[string]any)["storage.caddy-headless.io/key"] = "other"
+	})
+	if got, err := s.Load(ctx, "k"); err == nil {
+		t.Fatalf("Load of a Secret annotated with another key = %q, nil; want an error", got)
+	}
+}
