@@ -168,3 +168,24 @@ func TestLoadChecksTheKeyAnnotation(t *testing.T) {
 		t.Fatalf("Load of a Secret annotated with another key = %q, nil; want an error", got)
 	}
 }
+
+// TestValueOverTheLimitFailsBeforeTheAPIServer: a value over 1 MiB is
+// refused by the storage itself, naming the key and the limit, without a
+// request (the contract test passes on the apiserver's own 422 too; this
+// one pins the local check, so the error does not depend on the server's
+// wording and no 1.4 MiB body is sent only to be refused).
+func TestValueOverTheLimitFailsBeforeTheAPIServer(t *testing.T) {
+	f := kubetest.New(t, "caddy")
+	s, err := kubestore.New(f.Config("caddy"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := len(f.Requests())
+	err = s.Store(context.Background(), "big", make([]byte, kubestore.MaxValueSize+1))
+	if err == nil || !strings.Contains(err.Error(), `"big"`) || !strings.Contains(err.Error(), "at most 1048576") {
+		t.Fatalf("Store of 1 MiB + 1: %v, want an error naming the key and the limit", err)
+	}
+	if reqs := f.Requests()[before:]; len(reqs) != 0 {
+		t.Fatalf("Store of a value over the limit sent %q to the apiserver, want no request", reqs)
+	}
+}
