@@ -189,3 +189,45 @@ func TestValueOverTheLimitFailsBeforeTheAPIServer(t *testing.T) {
 		t.Fatalf("Store of a value over the limit sent %q to the apiserver, want no request", reqs)
 	}
 }
+
+// TestStoreNeverOverwritesWhatItDidNotRead: between Store's read and its
+// write the Secret is rewritten by another writer as the Secret of another
+// key. The write carries the resourceVersion read, so it is refused (409);
+// Store reads again, finds another key's Secret and leaves it alone.
+func TestStoreNeverOverwritesWhatItDidNotRead(t *testing.T) {
+	f := kubetest.New(t, "caddy")
+	s, err := kubestore.New(f.Config("caddy"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := s.Store(ctx, "k", []byte("first")); err != nil {
+		t.Fatal(err)
+	}
+	name := f.SecretNames("caddy")[0]
+	once := true
+	f.BeforeRequest(func(verb, resource, obj string) {
+		if verb == "update" && once {
+			once = false
+			f.Mutate("caddy", "secrets", name, func(o map[string]any) {
+				o["metadata"].(map[string]any)["annotations"].(map[string]any)["storage.caddy-headless.io/key"] = "other"
+				o["data"] = map[string]any{"value": "dGhlaXJz"} // "theirs"
+			})
+		}
+	})
+	err = s.Store(ctx, "k", []byte("mine"))
+	if once {
+		t.Fatal("the other writer never came between")
+	}
+	owner, data := "", ""
+	f.Mutate("caddy", "secrets", name, func(o map[string]any) {
+		owner, _ = o["metadata"].(map[string]any)["annotations"].(map[string]any)["storage.caddy-headless.io/key"].(string)
+		data, _ = o["data"].(map[string]any)["value"].(string)
+	})
+	if owner != "other" || data != "dGhlaXJz" {
+		t.Fatalf("Store (error %v) overwrote a Secret it had not read: now key %q, data %q", err, owner, data)
+	}
+	if err == nil {
+		t.Fatal("Store reported success, but its value was not written")
+	}
+}
