@@ -3,6 +3,7 @@ package kubestore_test
 import (
 	"context"
 	"errors"
+	"sync"
 	"testing"
 	"time"
 
@@ -91,5 +92,62 @@ func TestOutageDoesNotCountAsStaleness(t *testing.T) {
 	}
 	if err := holder.Unlock(ctx, "l"); err != nil {
 		t.Fatalf("the holder's Unlock after the outage: %v", err)
+	}
+}
+
+// TestTakeoverRaceHasOneWinner: a Lease is left by a holder that is gone.
+// As this replica takes it over, another replica's takeover lands first.
+// The takeover carries the resourceVersion it read, so this one gets 409
+// and reports "not taken": never two holders.
+func TestTakeoverRaceHasOneWinner(t *testing.T) {
+	api := kubetest.New(t, "caddy")
+	cfg := api.Config("caddy")
+	gone, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Identity = "waiter"
+	waiter, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := gone.Lock(ctx, "l"); err != nil {
+		t.Fatal(err)
+	}
+	lease := api.LeaseNames("caddy")[0]
+	// The Lease now names a holder nobody renews it for.
+	api.Mutate("caddy", "leases", lease, func(o map[string]any) { o["spec"].(map[string]any)["holderIdentity"] = "dead/1" })
+	if err := gone.Unlock(ctx, "l"); !errors.Is(err, kubestore.ErrLockLost) {
+		t.Fatalf("Unlock of a lock taken by dead/1: %v, want ErrLockLost", err)
+	}
+	var mu sync.Mutex
+	raced := false
+	api.BeforeRequest(func(verb, resource, name string) {
+		mu.Lock()
+		defer mu.Unlock()
+		if verb == "update" && resource == "leases" && !raced {
+			raced = true
+			api.Mutate("caddy", "leases", lease, func(o map[string]any) { o["spec"].(map[string]any)["holderIdentity"] = "other/1" })
+		}
+	})
+	for {
+		ok, err := waiter.TryLock(ctx, "l")
+		mu.Lock()
+		done := raced
+		mu.Unlock()
+		if done {
+			if ok || err != nil {
+				t.Fatalf("TryLock that lost the takeover race = %v, %v; want false, nil", ok, err)
+			}
+			break
+		}
+		if ok || err != nil {
+			t.Fatalf("TryLock of a Lease not yet stale = %v, %v", ok, err)
+		}
+		time.Sleep(cfg.PollInterval)
+	}
+	if h := api.LeaseHolder("caddy", lease); h != "other/1" {
+		t.Fatalf("after the race the Lease holder is %q, want the winner other/1", h)
 	}
 }
