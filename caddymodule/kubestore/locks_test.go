@@ -151,3 +151,36 @@ func TestTakeoverRaceHasOneWinner(t *testing.T) {
 		t.Fatalf("after the race the Lease holder is %q, want the winner other/1", h)
 	}
 }
+
+// TestHeldLockOutlivesTheLockContext: certmagic's Lock context may end
+// long before Unlock (the ACME retry loop holds issue_cert_* for days).
+// The heartbeat does not depend on it: for more than lease_duration after
+// the context ended, another replica still cannot take the lock.
+func TestHeldLockOutlivesTheLockContext(t *testing.T) {
+	api := kubetest.New(t, "caddy")
+	cfg := api.Config("caddy")
+	holder, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Identity = "waiter"
+	waiter, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lockCtx, cancel := context.WithCancel(context.Background())
+	if err := holder.Lock(lockCtx, "issue_cert_long.example.com"); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	ctx := context.Background()
+	for end := time.Now().Add(cfg.LeaseDuration*3/2 + 500*time.Millisecond); time.Now().Before(end); {
+		if ok, err := waiter.TryLock(ctx, "issue_cert_long.example.com"); ok || err != nil {
+			t.Fatalf("TryLock after the holder's Lock context ended = %v, %v: the heartbeat stopped with the context", ok, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := holder.Unlock(ctx, "issue_cert_long.example.com"); err != nil {
+		t.Fatalf("Unlock: %v", err)
+	}
+}
