@@ -184,3 +184,33 @@ func TestHeldLockOutlivesTheLockContext(t *testing.T) {
 		t.Fatalf("Unlock: %v", err)
 	}
 }
+
+// TestHeldLocksSurviveReprovisioning: a Caddy config reload provisions a
+// new Storage with the same config while a lock is held. The new one knows
+// the lock as this process's: its TryLock waits like any other caller's,
+// and it can release it.
+func TestHeldLocksSurviveReprovisioning(t *testing.T) {
+	api := kubetest.New(t, "caddy")
+	cfg := api.Config("caddy")
+	before, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := before.Lock(ctx, "issue_cert_reload.example.com"); err != nil {
+		t.Fatal(err)
+	}
+	after, err := kubestore.New(cfg, nil) // the reload
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := after.TryLock(ctx, "issue_cert_reload.example.com"); ok || err != nil {
+		t.Fatalf("TryLock of the held lock from the reloaded storage = %v, %v", ok, err)
+	}
+	if err := after.Unlock(ctx, "issue_cert_reload.example.com"); err != nil {
+		t.Fatalf("Unlock from the reloaded storage: %v", err)
+	}
+	if n := len(api.LeaseNames("caddy")); n != 0 {
+		t.Fatalf("%d Leases after Unlock, want 0", n)
+	}
+}
