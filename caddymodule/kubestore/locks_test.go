@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -212,5 +213,37 @@ func TestHeldLocksSurviveReprovisioning(t *testing.T) {
 	}
 	if n := len(api.LeaseNames("caddy")); n != 0 {
 		t.Fatalf("%d Leases after Unlock, want 0", n)
+	}
+}
+
+// TestWallClockStepsDoNotExpireLocks: the waiter's wall clock jumps an
+// hour forward at every reading (NTP steps, a resumed VM). Staleness is
+// measured on the monotonic clock, so a live holder keeps its lock.
+func TestWallClockStepsDoNotExpireLocks(t *testing.T) {
+	api := kubetest.New(t, "caddy")
+	cfg := api.Config("caddy")
+	holder, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var steps atomic.Int64
+	cfg.Identity = "waiter"
+	cfg.Now = func() time.Time { return time.Now().Add(time.Duration(steps.Add(1)) * time.Hour).Round(0) }
+	waiter, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := holder.Lock(ctx, "l"); err != nil {
+		t.Fatal(err)
+	}
+	for range 10 {
+		if ok, err := waiter.TryLock(ctx, "l"); ok || err != nil {
+			t.Fatalf("TryLock of a live lock by a replica whose wall clock steps = %v, %v", ok, err)
+		}
+		time.Sleep(cfg.PollInterval)
+	}
+	if err := holder.Unlock(ctx, "l"); err != nil {
+		t.Fatal(err)
 	}
 }
