@@ -247,3 +247,45 @@ func TestWallClockStepsDoNotExpireLocks(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestTryLockDoesNotWait: TryLock of a live holder's lock looks once (one
+// read of the Lease) and reports false; it never polls for the holder.
+func TestTryLockDoesNotWait(t *testing.T) {
+	api := kubetest.New(t, "caddy")
+	cfg := api.Config("caddy")
+	holder, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Identity = "other"
+	other, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := holder.Lock(ctx, "l"); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var reads []string
+	api.BeforeRequest(func(verb, resource, name string) {
+		if resource == "leases" && verb == "get" {
+			mu.Lock()
+			reads = append(reads, name)
+			mu.Unlock()
+		}
+	})
+	ok, err := other.TryLock(ctx, "l")
+	api.BeforeRequest(nil)
+	if ok || err != nil {
+		t.Fatalf("TryLock of a held lock = %v, %v; want false, nil", ok, err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(reads) != 1 {
+		t.Fatalf("TryLock of a held lock read the Lease %d times, want once (no waiting)", len(reads))
+	}
+	if err := holder.Unlock(ctx, "l"); err != nil {
+		t.Fatal(err)
+	}
+}
