@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -229,5 +230,69 @@ func TestStoreNeverOverwritesWhatItDidNotRead(t *testing.T) {
 	}
 	if err == nil {
 		t.Fatal("Store reported success, but its value was not written")
+	}
+}
+
+// stall makes the fake hold requests matching match until release is
+// closed (or 10 s pass), longer than the client's RequestTimeout: to the
+// client the apiserver stops answering mid-request. It returns how many
+// matching requests arrived.
+func stall(f *kubetest.API, match func(verb, resource string) bool) (release chan struct{}, count func() int) {
+	release = make(chan struct{})
+	var mu sync.Mutex
+	n := 0
+	f.BeforeRequest(func(verb, resource, name string) {
+		if !match(verb, resource) {
+			return
+		}
+		mu.Lock()
+		n++
+		mu.Unlock()
+		select {
+		case <-release:
+		case <-time.After(10 * time.Second):
+		}
+	})
+	return release, func() int { mu.Lock(); defer mu.Unlock(); return n }
+}
+
+// TestRequestTimeoutIsBounded: an apiserver that accepts a request and
+// never answers fails the call after RequestTimeout, even under a context
+// without a deadline.
+func TestRequestTimeoutIsBounded(t *testing.T) {
+	f := kubetest.New(t, "caddy")
+	cfg := f.Config("caddy")
+	cfg.RequestTimeout = 200 * time.Millisecond
+	s, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	release, _ := stall(f, func(verb, resource string) bool { return verb == "get" })
+	defer close(release)
+	if _, err := s.Load(context.Background(), "k"); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Load from an apiserver that does not answer: %v, want the request timeout (DeadlineExceeded)", err)
+	}
+}
+
+// TestWritesAreNotResentBlindly: a create whose answer never came may have
+// been applied; sending it again would answer 409 for our own Lease (the
+// lock held by nobody who knows it). The create is sent once and the
+// caller gets the error.
+func TestWritesAreNotResentBlindly(t *testing.T) {
+	f := kubetest.New(t, "caddy")
+	cfg := f.Config("caddy")
+	cfg.RequestTimeout = 200 * time.Millisecond
+	s, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	release, creates := stall(f, func(verb, resource string) bool { return verb == "create" })
+	defer close(release)
+	ok, err := s.TryLock(context.Background(), "l")
+	if ok || err == nil {
+		t.Fatalf("TryLock whose create was not answered = %v, %v; want an error", ok, err)
+	}
+	if n := creates(); n != 1 {
+		t.Fatalf("the unanswered create was sent %d times, want once", n)
 	}
 }
