@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -144,5 +145,154 @@ func TestStoreWhenAnotherWriterComesBetween(t *testing.T) {
 				t.Fatalf("Load = %q, %v; want the value of the last Store", got, err)
 			}
 		})
+	}
+}
+
+// TestLoadChecksTheKeyAnnotation: a Secret under a key's name whose
+// annotation names another key (a collision, or someone else's object) is
+// never handed out as that key's value.
+func TestLoadChecksTheKeyAnnotation(t *testing.T) {
+	f := kubetest.New(t, "caddy")
+	s, err := kubestore.New(f.Config("caddy"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := s.Store(ctx, "k", []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+	name := f.SecretNames("caddy")[0]
+	f.Mutate("caddy", "secrets", name, func(o map[string]any) {
+		o["metadata"].(map[string]any)["annotations"].(map[string]any)["storage.caddy-headless.io/key"] = "other"
+	})
+	if got, err := s.Load(ctx, "k"); err == nil {
+		t.Fatalf("Load of a Secret annotated with another key = %q, nil; want an error", got)
+	}
+}
+
+// TestValueOverTheLimitFailsBeforeTheAPIServer: a value over 1 MiB is
+// refused by the storage itself, naming the key and the limit, without a
+// request (the contract test passes on the apiserver's own 422 too; this
+// one pins the local check, so the error does not depend on the server's
+// wording and no 1.4 MiB body is sent only to be refused).
+func TestValueOverTheLimitFailsBeforeTheAPIServer(t *testing.T) {
+	f := kubetest.New(t, "caddy")
+	s, err := kubestore.New(f.Config("caddy"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := len(f.Requests())
+	err = s.Store(context.Background(), "big", make([]byte, kubestore.MaxValueSize+1))
+	if err == nil || !strings.Contains(err.Error(), `"big"`) || !strings.Contains(err.Error(), "at most 1048576") {
+		t.Fatalf("Store of 1 MiB + 1: %v, want an error naming the key and the limit", err)
+	}
+	if reqs := f.Requests()[before:]; len(reqs) != 0 {
+		t.Fatalf("Store of a value over the limit sent %q to the apiserver, want no request", reqs)
+	}
+}
+
+// TestStoreNeverOverwritesWhatItDidNotRead: between Store's read and its
+// write the Secret is rewritten by another writer as the Secret of another
+// key. The write carries the resourceVersion read, so it is refused (409);
+// Store reads again, finds another key's Secret and leaves it alone.
+func TestStoreNeverOverwritesWhatItDidNotRead(t *testing.T) {
+	f := kubetest.New(t, "caddy")
+	s, err := kubestore.New(f.Config("caddy"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := s.Store(ctx, "k", []byte("first")); err != nil {
+		t.Fatal(err)
+	}
+	name := f.SecretNames("caddy")[0]
+	once := true
+	f.BeforeRequest(func(verb, resource, obj string) {
+		if verb == "update" && once {
+			once = false
+			f.Mutate("caddy", "secrets", name, func(o map[string]any) {
+				o["metadata"].(map[string]any)["annotations"].(map[string]any)["storage.caddy-headless.io/key"] = "other"
+				o["data"] = map[string]any{"value": "dGhlaXJz"} // "theirs"
+			})
+		}
+	})
+	err = s.Store(ctx, "k", []byte("mine"))
+	if once {
+		t.Fatal("the other writer never came between")
+	}
+	owner, data := "", ""
+	f.Mutate("caddy", "secrets", name, func(o map[string]any) {
+		owner, _ = o["metadata"].(map[string]any)["annotations"].(map[string]any)["storage.caddy-headless.io/key"].(string)
+		data, _ = o["data"].(map[string]any)["value"].(string)
+	})
+	if owner != "other" || data != "dGhlaXJz" {
+		t.Fatalf("Store (error %v) overwrote a Secret it had not read: now key %q, data %q", err, owner, data)
+	}
+	if err == nil {
+		t.Fatal("Store reported success, but its value was not written")
+	}
+}
+
+// stall makes the fake hold requests matching match until release is
+// closed (or 10 s pass), longer than the client's RequestTimeout: to the
+// client the apiserver stops answering mid-request. It returns how many
+// matching requests arrived.
+func stall(f *kubetest.API, match func(verb, resource string) bool) (release chan struct{}, count func() int) {
+	release = make(chan struct{})
+	var mu sync.Mutex
+	n := 0
+	f.BeforeRequest(func(verb, resource, name string) {
+		if !match(verb, resource) {
+			return
+		}
+		mu.Lock()
+		n++
+		mu.Unlock()
+		select {
+		case <-release:
+		case <-time.After(10 * time.Second):
+		}
+	})
+	return release, func() int { mu.Lock(); defer mu.Unlock(); return n }
+}
+
+// TestRequestTimeoutIsBounded: an apiserver that accepts a request and
+// never answers fails the call after RequestTimeout, even under a context
+// without a deadline.
+func TestRequestTimeoutIsBounded(t *testing.T) {
+	f := kubetest.New(t, "caddy")
+	cfg := f.Config("caddy")
+	cfg.RequestTimeout = 200 * time.Millisecond
+	s, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	release, _ := stall(f, func(verb, resource string) bool { return verb == "get" })
+	defer close(release)
+	if _, err := s.Load(context.Background(), "k"); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Load from an apiserver that does not answer: %v, want the request timeout (DeadlineExceeded)", err)
+	}
+}
+
+// TestWritesAreNotResentBlindly: a create whose answer never came may have
+// been applied; sending it again would answer 409 for our own Lease (the
+// lock held by nobody who knows it). The create is sent once and the
+// caller gets the error.
+func TestWritesAreNotResentBlindly(t *testing.T) {
+	f := kubetest.New(t, "caddy")
+	cfg := f.Config("caddy")
+	cfg.RequestTimeout = 200 * time.Millisecond
+	s, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	release, creates := stall(f, func(verb, resource string) bool { return verb == "create" })
+	defer close(release)
+	ok, err := s.TryLock(context.Background(), "l")
+	if ok || err == nil {
+		t.Fatalf("TryLock whose create was not answered = %v, %v; want an error", ok, err)
+	}
+	if n := creates(); n != 1 {
+		t.Fatalf("the unanswered create was sent %d times, want once", n)
 	}
 }

@@ -3,6 +3,8 @@ package kubestore_test
 import (
 	"context"
 	"errors"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -91,5 +93,199 @@ func TestOutageDoesNotCountAsStaleness(t *testing.T) {
 	}
 	if err := holder.Unlock(ctx, "l"); err != nil {
 		t.Fatalf("the holder's Unlock after the outage: %v", err)
+	}
+}
+
+// TestTakeoverRaceHasOneWinner: a Lease is left by a holder that is gone.
+// As this replica takes it over, another replica's takeover lands first.
+// The takeover carries the resourceVersion it read, so this one gets 409
+// and reports "not taken": never two holders.
+func TestTakeoverRaceHasOneWinner(t *testing.T) {
+	api := kubetest.New(t, "caddy")
+	cfg := api.Config("caddy")
+	gone, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Identity = "waiter"
+	waiter, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := gone.Lock(ctx, "l"); err != nil {
+		t.Fatal(err)
+	}
+	lease := api.LeaseNames("caddy")[0]
+	// The Lease now names a holder nobody renews it for.
+	api.Mutate("caddy", "leases", lease, func(o map[string]any) { o["spec"].(map[string]any)["holderIdentity"] = "dead/1" })
+	if err := gone.Unlock(ctx, "l"); !errors.Is(err, kubestore.ErrLockLost) {
+		t.Fatalf("Unlock of a lock taken by dead/1: %v, want ErrLockLost", err)
+	}
+	var mu sync.Mutex
+	raced := false
+	api.BeforeRequest(func(verb, resource, name string) {
+		mu.Lock()
+		defer mu.Unlock()
+		if verb == "update" && resource == "leases" && !raced {
+			raced = true
+			api.Mutate("caddy", "leases", lease, func(o map[string]any) { o["spec"].(map[string]any)["holderIdentity"] = "other/1" })
+		}
+	})
+	for {
+		ok, err := waiter.TryLock(ctx, "l")
+		mu.Lock()
+		done := raced
+		mu.Unlock()
+		if done {
+			if ok || err != nil {
+				t.Fatalf("TryLock that lost the takeover race = %v, %v; want false, nil", ok, err)
+			}
+			break
+		}
+		if ok || err != nil {
+			t.Fatalf("TryLock of a Lease not yet stale = %v, %v", ok, err)
+		}
+		time.Sleep(cfg.PollInterval)
+	}
+	if h := api.LeaseHolder("caddy", lease); h != "other/1" {
+		t.Fatalf("after the race the Lease holder is %q, want the winner other/1", h)
+	}
+}
+
+// TestHeldLockOutlivesTheLockContext: certmagic's Lock context may end
+// long before Unlock (the ACME retry loop holds issue_cert_* for days).
+// The heartbeat does not depend on it: for more than lease_duration after
+// the context ended, another replica still cannot take the lock.
+func TestHeldLockOutlivesTheLockContext(t *testing.T) {
+	api := kubetest.New(t, "caddy")
+	cfg := api.Config("caddy")
+	holder, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Identity = "waiter"
+	waiter, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lockCtx, cancel := context.WithCancel(context.Background())
+	if err := holder.Lock(lockCtx, "issue_cert_long.example.com"); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	ctx := context.Background()
+	for end := time.Now().Add(cfg.LeaseDuration*3/2 + 500*time.Millisecond); time.Now().Before(end); {
+		if ok, err := waiter.TryLock(ctx, "issue_cert_long.example.com"); ok || err != nil {
+			t.Fatalf("TryLock after the holder's Lock context ended = %v, %v: the heartbeat stopped with the context", ok, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := holder.Unlock(ctx, "issue_cert_long.example.com"); err != nil {
+		t.Fatalf("Unlock: %v", err)
+	}
+}
+
+// TestHeldLocksSurviveReprovisioning: a Caddy config reload provisions a
+// new Storage with the same config while a lock is held. The new one knows
+// the lock as this process's: its TryLock waits like any other caller's,
+// and it can release it.
+func TestHeldLocksSurviveReprovisioning(t *testing.T) {
+	api := kubetest.New(t, "caddy")
+	cfg := api.Config("caddy")
+	before, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := before.Lock(ctx, "issue_cert_reload.example.com"); err != nil {
+		t.Fatal(err)
+	}
+	after, err := kubestore.New(cfg, nil) // the reload
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := after.TryLock(ctx, "issue_cert_reload.example.com"); ok || err != nil {
+		t.Fatalf("TryLock of the held lock from the reloaded storage = %v, %v", ok, err)
+	}
+	if err := after.Unlock(ctx, "issue_cert_reload.example.com"); err != nil {
+		t.Fatalf("Unlock from the reloaded storage: %v", err)
+	}
+	if n := len(api.LeaseNames("caddy")); n != 0 {
+		t.Fatalf("%d Leases after Unlock, want 0", n)
+	}
+}
+
+// TestWallClockStepsDoNotExpireLocks: the waiter's wall clock jumps an
+// hour forward at every reading (NTP steps, a resumed VM). Staleness is
+// measured on the monotonic clock, so a live holder keeps its lock.
+func TestWallClockStepsDoNotExpireLocks(t *testing.T) {
+	api := kubetest.New(t, "caddy")
+	cfg := api.Config("caddy")
+	holder, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var steps atomic.Int64
+	cfg.Identity = "waiter"
+	cfg.Now = func() time.Time { return time.Now().Add(time.Duration(steps.Add(1)) * time.Hour).Round(0) }
+	waiter, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := holder.Lock(ctx, "l"); err != nil {
+		t.Fatal(err)
+	}
+	for range 10 {
+		if ok, err := waiter.TryLock(ctx, "l"); ok || err != nil {
+			t.Fatalf("TryLock of a live lock by a replica whose wall clock steps = %v, %v", ok, err)
+		}
+		time.Sleep(cfg.PollInterval)
+	}
+	if err := holder.Unlock(ctx, "l"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestTryLockDoesNotWait: TryLock of a live holder's lock looks once (one
+// read of the Lease) and reports false; it never polls for the holder.
+func TestTryLockDoesNotWait(t *testing.T) {
+	api := kubetest.New(t, "caddy")
+	cfg := api.Config("caddy")
+	holder, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Identity = "other"
+	other, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := holder.Lock(ctx, "l"); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var reads []string
+	api.BeforeRequest(func(verb, resource, name string) {
+		if resource == "leases" && verb == "get" {
+			mu.Lock()
+			reads = append(reads, name)
+			mu.Unlock()
+		}
+	})
+	ok, err := other.TryLock(ctx, "l")
+	api.BeforeRequest(nil)
+	if ok || err != nil {
+		t.Fatalf("TryLock of a held lock = %v, %v; want false, nil", ok, err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(reads) != 1 {
+		t.Fatalf("TryLock of a held lock read the Lease %d times, want once (no waiting)", len(reads))
+	}
+	if err := holder.Unlock(ctx, "l"); err != nil {
+		t.Fatal(err)
 	}
 }
