@@ -142,6 +142,27 @@ func isCode(err error, code int) bool {
 	return errors.As(err, &ae) && ae.Code == code
 }
 
+// noAnswer is a request the apiserver did not answer (unreachable, timed
+// out, connection reset).
+type noAnswer struct{ error }
+
+func (e noAnswer) Unwrap() error { return e.error }
+
+// transient reports whether asking again later may succeed: the apiserver
+// did not answer, was overloaded (429) or failed (5xx). A refusal (401, 403,
+// 422 …) stays a refusal.
+func transient(err error) bool {
+	var na noAnswer
+	var ae *APIError
+	switch {
+	case errors.As(err, &na):
+		return true
+	case errors.As(err, &ae):
+		return ae.Code == http.StatusTooManyRequests || ae.Code >= 500
+	}
+	return false
+}
+
 func isNotFound(err error) bool { return isCode(err, http.StatusNotFound) }
 func isConflict(err error) bool { return isCode(err, http.StatusConflict) }
 
@@ -183,7 +204,7 @@ func (c *client) do(ctx context.Context, verb string, res resource, name, query 
 				case <-ctx.Done():
 				}
 			}
-			return fmt.Errorf("kubernetes: %s %s %s in namespace %q: apiserver %s did not answer: %w", verb, res.plural, name, c.namespace, c.endpoint, err)
+			return noAnswer{fmt.Errorf("kubernetes: %s %s %s in namespace %q: apiserver %s did not answer: %w", verb, res.plural, name, c.namespace, c.endpoint, err)}
 		}
 		if status == http.StatusUnauthorized && !reread && c.token.file != "" {
 			reread = true // the token may have just rotated

@@ -296,3 +296,81 @@ func TestWritesAreNotResentBlindly(t *testing.T) {
 		t.Fatalf("the unanswered create was sent %d times, want once", n)
 	}
 }
+
+// TestLockWaitsThroughAnOutage: certmagic gives up an issuance whose lock it
+// cannot get, so a Lock that meets an apiserver answering 503 keeps trying
+// and gets the lock once the apiserver is back; a refusal ends it at once.
+func TestLockWaitsThroughAnOutage(t *testing.T) {
+	f := kubetest.New(t, "caddy")
+	s, err := kubestore.New(f.Config("caddy"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.SetDown(true)
+	var mu sync.Mutex
+	failed := 0
+	f.BeforeRequest(func(verb, resource, name string) {
+		mu.Lock()
+		defer mu.Unlock()
+		if failed++; failed == 3 { // the third request still gets 503
+			go f.SetDown(false)
+		}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := s.Lock(ctx, "l"); err != nil {
+		t.Fatalf("Lock through a 503 outage: %v, want the lock once the apiserver is back", err)
+	}
+	defer s.Unlock(context.Background(), "l")
+	if h := f.LeaseHolder("caddy", f.LeaseNames("caddy")[0]); !strings.HasPrefix(h, "replica-a/") {
+		t.Fatalf("Lease holder %q, want replica-a's", h)
+	}
+
+	refused, err := kubestore.New(f.Config("other-ns"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := refused.Lock(ctx, "l"); err == nil || !strings.Contains(err.Error(), "403") || ctx.Err() != nil {
+		t.Fatalf("Lock refused by RBAC: %v (context %v); want the 403 at once", err, ctx.Err())
+	}
+}
+
+// TestLockWhoseCreateAnswerWasLost: the apiserver applied the create of the
+// Lease but its answer never arrived; the next attempt of the same Lock
+// call finds its own identity in the Lease and holds it, instead of waiting
+// lease_duration for a holder that is itself.
+func TestLockWhoseCreateAnswerWasLost(t *testing.T) {
+	f := kubetest.New(t, "caddy")
+	cfg := f.Config("caddy")
+	cfg.RequestTimeout = 200 * time.Millisecond
+	cfg.LeaseDuration, cfg.RenewInterval = time.Hour, time.Minute
+	s, err := kubestore.New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan struct{})
+	var once sync.Once
+	f.BeforeRequest(func(verb, resource, name string) {
+		if verb == "create" && resource == "leases" {
+			once.Do(func() { <-release }) // answered after the client gave up, then applied
+		}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- s.Lock(ctx, "l") }()
+	for len(f.Requests()) < 2 || !strings.HasPrefix(f.Requests()[len(f.Requests())-1], "create leases") {
+		time.Sleep(5 * time.Millisecond)
+	}
+	time.Sleep(cfg.RequestTimeout + 100*time.Millisecond) // the client has given up on the create
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatalf("Lock whose create was applied but not answered: %v, want the lock (it is ours)", err)
+	}
+	if err := s.Unlock(context.Background(), "l"); err != nil {
+		t.Fatalf("Unlock: %v", err)
+	}
+	if names := f.LeaseNames("caddy"); len(names) != 0 {
+		t.Fatalf("Leases left after Unlock: %v", names)
+	}
+}

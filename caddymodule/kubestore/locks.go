@@ -89,16 +89,31 @@ func forget(k string) {
 	observed.Unlock()
 }
 
-// Lock blocks until it holds the lock name or ctx ends.
+// Lock blocks until it holds the lock name or ctx ends. It waits through an
+// apiserver that is briefly away (restarting, overloaded, unreachable):
+// certmagic gives up an issuance whose lock it cannot get, so one 503 must
+// not cost a certificate. A refusal (RBAC, a bad token) ends it at once.
 func (s *Storage) Lock(ctx context.Context, name string) (err error) {
 	defer observe("lock", time.Now(), &err)
+	id := newIdentity(s.cfg.Identity) // one per call, kept across attempts
+	var failing error
 	for {
-		ok, err := s.tryOnce(ctx, name)
-		if err != nil || ok {
+		ok, err := s.tryOnce(ctx, name, id)
+		switch {
+		case ok:
+			return nil
+		case err != nil && !transient(err):
 			return err
+		case err != nil && failing == nil:
+			s.logger.Warn("waiting for lock: the apiserver did not answer; trying again",
+				zap.String("lock", name), zap.Duration("every", s.cfg.PollInterval), zap.Error(err))
 		}
+		failing = err
 		select {
 		case <-ctx.Done():
+			if failing != nil {
+				return fmt.Errorf("waiting for lock %q: %w (last attempt: %v)", name, ctx.Err(), failing)
+			}
 			return fmt.Errorf("waiting for lock %q: %w", name, ctx.Err())
 		case <-time.After(s.cfg.PollInterval):
 		}
@@ -109,7 +124,7 @@ func (s *Storage) Lock(ctx context.Context, name string) (err error) {
 // reports whether it did; it never waits for a live holder.
 func (s *Storage) TryLock(ctx context.Context, name string) (ok bool, err error) {
 	defer observe("trylock", time.Now(), &err)
-	return s.tryOnce(ctx, name)
+	return s.tryOnce(ctx, name, newIdentity(s.cfg.Identity))
 }
 
 func newIdentity(base string) string {
@@ -118,9 +133,11 @@ func newIdentity(base string) string {
 	return base + "/" + hex.EncodeToString(b)
 }
 
-// tryOnce makes one attempt: create the Lease, or take it over if it is
-// released or stale. A conflict (someone else wrote first) is "not taken".
-func (s *Storage) tryOnce(ctx context.Context, name string) (bool, error) {
+// tryOnce makes one attempt as holder id: create the Lease, or take it over
+// if it is released or stale. A conflict (someone else wrote first) is "not
+// taken". A Lease already naming id was written by an earlier attempt of
+// the same Lock call whose answer was lost: it is ours.
+func (s *Storage) tryOnce(ctx context.Context, name, id string) (bool, error) {
 	object := objectName(s.cfg.Prefix, "lock", name)
 	k := s.tableKey(object)
 	held.Lock()
@@ -132,7 +149,6 @@ func (s *Storage) tryOnce(ctx context.Context, name string) (bool, error) {
 		return false, nil
 	}
 	now := s.cfg.Now().UTC().Format(microTime)
-	id := newIdentity(s.cfg.Identity)
 	spec := leaseSpec{HolderIdentity: id, LeaseDurationSeconds: int(s.cfg.LeaseDuration / time.Second), AcquireTime: now, RenewTime: now}
 
 	cur, err := s.api.getLease(ctx, object)
@@ -157,6 +173,10 @@ func (s *Storage) tryOnce(ctx context.Context, name string) (bool, error) {
 		return false, fmt.Errorf("lock %q: %w", name, err)
 	}
 	prev := cur.Spec.HolderIdentity
+	if prev == id {
+		s.hold(name, object, id, cur, "")
+		return true, nil
+	}
 	if prev != "" {
 		limit := time.Duration(cur.Spec.LeaseDurationSeconds) * time.Second
 		if limit <= 0 {
