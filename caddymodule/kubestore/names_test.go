@@ -16,6 +16,12 @@ func FuzzObjectName(f *testing.F) {
 	for _, s := range []string{"a/b", "a.b", "a-b", "*.example.com", "issue_cert_*.example.com", "", "é/ü", strings.Repeat("x/", 40)} {
 		f.Add(s, s+"x")
 	}
+	// Pairs whose readable parts are the same (a lossy mapping would merge
+	// them) and a key far over the name limit.
+	f.Add("a/b", "a.b")
+	f.Add("a.b", "a-b")
+	f.Add("certificates/x/*.example.com", "certificates/x/_.example.com")
+	f.Add(strings.Repeat("k", 300), strings.Repeat("k", 301))
 	f.Fuzz(func(t *testing.T, k1, k2 string) {
 		for _, kind := range []string{"key", "lock"} {
 			n1, n2 := objectName("caddy", kind, k1), objectName("caddy", kind, k2)
