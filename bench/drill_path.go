@@ -15,6 +15,7 @@ import (
 var (
 	reBench     = regexp.MustCompile(`^BenchmarkGetUpstreams/source=([\w-]+)/endpoints=(\d+)(?:-\d+)?\s+\d+\s+(.*)$`)
 	reProxyPath = regexp.MustCompile(`^BenchmarkProxyPath/source=([\w-]+)/policy=(\w+)/endpoints=(\d+)(?:-\d+)?\s+\d+\s+(.*)$`)
+	rePaired    = regexp.MustCompile(`^BenchmarkProxyPathPaired/policy=(\w+)(?:-\d+)?\s+\d+\s+(.*)$`)
 )
 
 func drillPath(ctx context.Context, h *harness) (*section, error) {
@@ -27,8 +28,9 @@ func drillPath(ctx context.Context, h *harness) (*section, error) {
 	if err != nil {
 		return nil, fmt.Errorf("go %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
-	runs := map[string]map[string][]float64{} // "headless/1000" → unit → values
-	full := map[string]map[string][]float64{} // BenchmarkProxyPath: "headless/random/1000" → unit → values
+	runs := map[string]map[string][]float64{}   // "headless/1000" → unit → values
+	full := map[string]map[string][]float64{}   // BenchmarkProxyPath: "headless/random/1000" → unit → values
+	paired := map[string]map[string][]float64{} // BenchmarkProxyPathPaired: "random" → ratio → values
 	for _, line := range strings.Split(string(out), "\n") {
 		line = strings.TrimSpace(line)
 		into, key, rest := runs, "", ""
@@ -36,6 +38,8 @@ func drillPath(ctx context.Context, h *harness) (*section, error) {
 			key, rest = m[1]+"/"+m[2], m[3]
 		} else if m := reProxyPath.FindStringSubmatch(line); m != nil {
 			into, key, rest = full, m[1]+"/"+m[2]+"/"+m[3], m[4]
+		} else if m := rePaired.FindStringSubmatch(line); m != nil {
+			into, key, rest = paired, m[1], m[2]
 		} else {
 			continue
 		}
@@ -80,6 +84,19 @@ func drillPath(ctx context.Context, h *harness) (*section, error) {
 		}
 		growth = append(growth, fmt.Sprintf("%s %s", pol, ratio(median(full["headless/"+pol+"/1000"]["ns/op"]), median(full["headless/"+pol+"/1"]["ns/op"]))))
 	}
+	if len(paired) == 0 {
+		return nil, fmt.Errorf("no BenchmarkProxyPathPaired results in:\n%s", out)
+	}
+	pr := &table{header: []string{"lb_policy", "ours / static, 1 endpoint", "ours / static, 1,000 endpoints", "ours at 1,000 / ours at 1"}}
+	spread := func(v []float64) string {
+		s := append([]float64(nil), v...)
+		sort.Float64s(s)
+		return fmt.Sprintf("×%.2f (%.2f–%.2f)", median(s), s[0], s[len(s)-1])
+	}
+	for _, pol := range []string{"random", "least_conn", "round_robin", "first", "ip_hash"} {
+		m := paired[pol]
+		pr.add(pol, spread(m["ours/static@1"]), spread(m["ours/static@1000"]), spread(m["ours@1000/ours@1"]))
+	}
 	return &section{
 		intro: fmt.Sprintf("`BenchmarkGetUpstreams` (caddymodule/bench_test.go): the cost of one `GetUpstreams` call on a warm "+
 			"cache, ours against Caddy's `dynamic a`, both pointed at the same in-process DNS server. `BenchmarkProxyPath`: "+
@@ -87,7 +104,7 @@ func drillPath(ctx context.Context, h *harness) (*section, error) {
 			"upstream, the lb_policy, headers, the response) in front of a transport that answers without a network, for static "+
 			"upstreams, ours and `dynamic a`, under five lb_policy choices. Median of %s runs:\n\n"+
 			"    go %s", count, strings.Join(args, " ")),
-		tables: []*table{t, pp},
+		tables: []*table{t, pp, pr},
 		notes: []string{"`BenchmarkGetUpstreams` with no reverse_proxy handler above the source: ours hands out every endpoint there, as under a " +
 			"hashing policy, so this table shows what a full list costs. Both hand Caddy fresh `*Upstream` copies on every call (Caddy writes into them), so the cost " +
 			"grows with the number of endpoints for both; ours allocates them as one block. `dynamic a` stops at what " +
@@ -97,7 +114,12 @@ func drillPath(ctx context.Context, h *harness) (*section, error) {
 				"(see the README's Performance section), so its cost and its allocations do not grow with the endpoints; under `ip_hash` it hands out " +
 				"all of them, as hashing needs, and Caddy provisions and hashes each one. Ours at 1,000 endpoints relative to ours at 1: " +
 				strings.Join(growth, ", ") + ". Most of each op is the request itself (about 110 allocations for every source), so " +
-				"the differences between sources are small against the noise of a shared machine."},
+				"the differences between sources are small against the noise of a shared machine.",
+			"`BenchmarkProxyPathPaired` (the third table): the same handlers, paired — every iteration serves one request through " +
+				"static and ours at 1 and at 1,000 endpoints, in a rotating order, and times each, so all four see the same load; " +
+				"median (min–max) of the runs' ratios. Under `round_robin` and `first` static upstreams cost the same at any N (Caddy " +
+				"picks from a counter or the front, with no per-request provisioning), so ours stays at its constant dynamic-path " +
+				"cost over static there, as at 1 endpoint; under `random` and `least_conn` static scans every upstream and ours does not."},
 	}, nil
 }
 
