@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -12,6 +13,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -22,6 +24,7 @@ import (
 	// The admin endpoint's /metrics route (admin.api.metrics).
 	_ "github.com/caddyserver/caddy/v2/modules/metrics"
 
+	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
 )
 
@@ -591,4 +594,84 @@ func TestAdminRefreshBurstCoalesced(t *testing.T) {
 		t.Fatalf("%d goroutines for %d concurrent refreshes of %d watchers, want at most %d", peak, nRequests, nWatchers, limit)
 	}
 	t.Logf("peak %d extra goroutines for %d concurrent refreshes of %d watchers", peak, nRequests, nWatchers)
+}
+
+// One refresh of many watchers asks DNS for at most refreshWorkers of them
+// at once: while every question is held, no further one is sent until one
+// of them is let through. (TestAdminRefreshBurstCoalesced's goroutine
+// budget has room for a goroutine per watcher, so it cannot see this.)
+func TestAdminRefreshFanOutBounded(t *testing.T) {
+	const n = 200
+	srv := dnstest.Start(t, "")
+	var mu sync.Mutex
+	var block bool
+	arrived, released, worst := 0, 0, 0
+	arrivals := make(chan struct{}, n)
+	release := make(chan struct{})
+	srv.Hook(func(w dns.ResponseWriter, q *dns.Msg) bool {
+		mu.Lock()
+		if !block {
+			mu.Unlock()
+			return false
+		}
+		arrived++
+		worst = max(worst, arrived-released)
+		mu.Unlock()
+		arrivals <- struct{}{}
+		<-release
+		mu.Lock()
+		released++ // before the reply: the next question of this worker comes after
+		mu.Unlock()
+		return false
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	entries := make([]selected, n)
+	for i := range entries {
+		svc, err := discovery.ParseService(fmt.Sprintf("app%d.bbs.svc.cluster.local:8080", i), discovery.Defaults{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		// IPv4 only: one question per lookup; an hour apart: none but the refresh's.
+		w := discovery.New(discovery.Config{Service: svc, IPv4: true, Resolver: &discovery.Resolver{Servers: []string{srv.Addr}},
+			RefreshMin: time.Hour}, nil)
+		t.Cleanup(w.Stop)
+		if _, err := w.RefreshNow(ctx); err != nil {
+			t.Fatal(err)
+		}
+		entries[i] = selected{key: fmt.Sprint(i), watcher: w}
+	}
+	mu.Lock()
+	block = true
+	mu.Unlock()
+	done := make(chan error, 1)
+	go func() { done <- refreshAll(ctx, entries) }()
+	for range refreshWorkers {
+		<-arrivals
+	}
+	// Let none through for a moment: an unbounded refresh sends the other
+	// questions now (the hook counts them). Not a timed assertion: a bounded
+	// one sends none however long this lasts.
+	select {
+	case <-arrivals:
+	case <-time.After(time.Second):
+	}
+	for {
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatal(err)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if arrived != n {
+				t.Fatalf("%d questions for %d watchers, want one each", arrived, n)
+			}
+			if worst > refreshWorkers {
+				t.Fatalf("one refresh held %d DNS questions at once, want at most refreshWorkers (%d)", worst, refreshWorkers)
+			}
+			return
+		case release <- struct{}{}:
+		}
+	}
 }

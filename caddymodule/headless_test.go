@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -265,6 +266,45 @@ func TestGetUpstreamsReturnsFreshCopies(t *testing.T) {
 	second, _ := getUpstreams(t, h)
 	if dialsOf(second) != "10.1.0.2:8080 10.1.0.3:8080" || second[0].MaxRequests != 0 || second[0] == first[0] {
 		t.Fatalf("a caller's writes leaked into the next call: [%s]", dialsOf(second))
+	}
+}
+
+// allow_cidrs reaches the watcher: only the endpoints in its ranges are
+// handed out, a loopback one included since it is allowed by name.
+func TestGetUpstreamsAllowCIDRs(t *testing.T) {
+	srv := dnstest.Start(t, appZone+"app.bbs.svc.cluster.local. 5 IN A 127.0.0.5\n")
+	h := &Headless{Service: "app.bbs:8080", Resolvers: []string{srv.Addr}, AllowCIDRs: []string{"10.1.0.2/32", "127.0.0.0/8"}}
+	provision(t, h)
+	defer h.Cleanup()
+	ups, err := getUpstreams(t, h)
+	if err != nil || dialsOf(ups) != "10.1.0.2:8080 127.0.0.5:8080" {
+		t.Fatalf("GetUpstreams = [%s], %v; want [10.1.0.2:8080 127.0.0.5:8080]", dialsOf(ups), err)
+	}
+}
+
+// No request waits on DNS: once the Service is resolved, GetUpstreams sends
+// no query, whatever the sampler (the watcher's own refreshes are an hour
+// apart here).
+func TestGetUpstreamsAsksNoDNS(t *testing.T) {
+	srv := dnstest.Start(t, appZone)
+	h := &Headless{Service: "app.bbs:8080", Resolvers: []string{srv.Addr},
+		RefreshMin: caddy.Duration(time.Hour)}
+	provision(t, h)
+	defer h.Cleanup()
+	if _, err := getUpstreams(t, h); err != nil {
+		t.Fatal(err)
+	}
+	for _, sampler := range []*discovery.Sampler{nil, {Pick: discovery.PickRandom, Size: 1}} {
+		h.sampler, h.retry = sampler, new(sync.Map)
+		before := srv.Queries()
+		for range 1000 {
+			if ups, err := getUpstreams(t, h); err != nil || len(ups) == 0 {
+				t.Fatalf("GetUpstreams = %d, %v", len(ups), err)
+			}
+		}
+		if n := srv.Queries() - before; n != 0 {
+			t.Fatalf("sampler %v: 1,000 requests sent %d DNS queries", sampler != nil, n)
+		}
 	}
 }
 

@@ -243,3 +243,18 @@ func TestMetricsLint(t *testing.T) {
 		t.Errorf("%s: %s", p.Metric, p.Text)
 	}
 }
+
+// dropped_records_total tells its reasons apart: an endpoint address the
+// policy refuses counts as reason="address", not as an exceeded bound.
+func TestMetricsDroppedRecordsByReason(t *testing.T) {
+	const ref = "mixed.bbs.svc.cluster.local:80"
+	srv := dnstest.Start(t, "mixed.bbs.svc.cluster.local. 5 IN A 10.1.0.2\nmixed.bbs.svc.cluster.local. 5 IN A 127.0.0.1")
+	key, w := startTestWatcher(t, srv, ref)
+	ctx := newTestContext(t)
+	if err := registerMetrics(ctx, key, w); err != nil {
+		t.Fatal(err)
+	}
+	s := gather(t, ctx)
+	s.expect(t, `caddy_headless_dropped_records_total{reason="address",service="`+ref+`"}`, 1)
+	s.expect(t, `caddy_headless_dropped_records_total{reason="bound",service="`+ref+`"}`, 0)
+}

@@ -152,8 +152,14 @@ func TestWatcherWarningsRateLimited(t *testing.T) {
 	}
 	// Another kind of failure is news, and warned about at once.
 	err := &LookupError{Name: svc.FQDN, Type: dns.TypeA, Server: "10.96.0.10:53", Outcome: OutcomeServFail, Err: errors.New("SERVFAIL")}
-	w.next(prev, Result{}, err, start.Add(61*time.Second), 5000, 601)
+	prev = w.next(prev, Result{}, err, start.Add(61*time.Second), 5000, 601)
 	if n := taken("DNS refresh failed"); n != 1 {
 		t.Errorf("%d warnings for a new kind of failure, want 1", n)
+	}
+	// The same failure from another server is news too: the failover moved on.
+	err = &LookupError{Name: svc.FQDN, Type: dns.TypeA, Server: "10.96.0.11:53", Outcome: OutcomeServFail, Err: errors.New("SERVFAIL")}
+	w.next(prev, Result{}, err, start.Add(62*time.Second), 5001, 602)
+	if n := taken("DNS refresh failed"); n != 1 {
+		t.Errorf("%d warnings for the same failure from another server, want 1", n)
 	}
 }

@@ -968,3 +968,34 @@ func cnameChain9(name string) []string {
 	}
 	return append(recs, prev+" 5 IN A 192.0.2.10")
 }
+
+// SRV targets without glue that are not the Service's own endpoint names
+// are looked up one by one, at most MaxTargetLookups of them per refresh;
+// the rest are dropped and counted.
+func TestHostileSRVTargetsWithoutGlueBounded(t *testing.T) {
+	const targets = 3 * MaxTargetLookups
+	srv := dnstest.Start(t, "")
+	srv.Hook(func(w dns.ResponseWriter, q *dns.Msg) bool {
+		if q.Question[0].Qtype != dns.TypeSRV {
+			return false // the targets: NXDOMAIN
+		}
+		m := new(dns.Msg)
+		m.SetReply(q)
+		m.Compress = true
+		for i := range targets {
+			m.Answer = append(m.Answer, &dns.SRV{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeSRV, Class: dns.ClassINET, Ttl: 5},
+				Weight: 1, Port: 8080, Target: fmt.Sprintf("t%d.elsewhere.example.", i)})
+		}
+		hostileWrite(w, q, m)
+		return true
+	})
+	r := &Resolver{Servers: []string{srv.Addr}, Timeout: 10 * time.Second}
+	res, err := hostileLookup(t, r, "huge:http", true, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Queries > 1+MaxTargetLookups || res.Dropped < targets-MaxTargetLookups {
+		t.Fatalf("%d queries, %d dropped for %d bare targets; want at most 1+MaxTargetLookups (%d) and the rest dropped",
+			res.Queries, res.Dropped, targets, 1+MaxTargetLookups)
+	}
+}

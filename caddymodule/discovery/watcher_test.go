@@ -344,3 +344,23 @@ func TestMissingFamilyAskedRarely(t *testing.T) {
 		from = s.Seq
 	}
 }
+
+// While the answer is one family only, only that family is asked; when it
+// comes back empty, both are asked at once: a set is never emptied for a
+// family that was not asked. (Lookup by lookup, without the polling of
+// TestMissingFamilyAskedRarely, which can step over one empty snapshot.)
+func TestSingleFamilyEmptiedAsksBoth(t *testing.T) {
+	srv := dnstest.Start(t, "web.bbs.svc.cluster.local. 5 IN AAAA fd00::1")
+	w, _ := startWatcher(t, srv, "web:80", nil)
+	if s := refreshNow(t, w); dials(s.Endpoints) != "[fd00::1]:80" {
+		t.Fatalf("v6 only: [%s]", dials(s.Endpoints))
+	}
+	srv.MustSet(t, "web.bbs.svc.cluster.local. 5 IN A 10.0.0.2")
+	s := refreshNow(t, w)
+	if s.Seq%missingFamilyEvery == 0 {
+		t.Fatalf("lookup %d asks both families anyway: pick another", s.Seq)
+	}
+	if dials(s.Endpoints) != "10.0.0.2:80" || s.Outcome != OutcomeSuccess {
+		t.Fatalf("lookup %d after the AAAA set emptied: [%s] %s; want [10.0.0.2:80] success", s.Seq, dials(s.Endpoints), s.Outcome)
+	}
+}
