@@ -95,8 +95,8 @@ func drillMany(ctx context.Context, h *harness) (*section, error) {
 		notes: []string{"Ours runs one watcher (one goroutine) per Service and asks DNS every second whether " +
 			"or not requests come. The Services here are IPv4-only, as in a single-stack cluster: while an answer has " +
 			"one address family, the other (AAAA here) is asked only every 30th lookup, so a Service that becomes " +
-			"dual-stack is seen within 30 s; about (1 + 1/30) / 1.05 × 500 = 492 queries/s for 500 Services at the default refresh " +
-			"(the refresh is lengthened by up to 10% of jitter, 5% on average), which a real cluster DNS should be sized for (`refresh` " +
+			"dual-stack is seen within 30 s; about one query per Service per second at the default refresh (an A lookup every 1.0–1.1 s: " +
+			"the jitter lengthens the refresh by up to 10%; every 30th with AAAA), which a real cluster DNS should be sized for (`refresh` " +
 			"and `versions ipv4` lower it further). `dynamic a` asks only when " +
 			"a request finds its cache entry older than `refresh`, on the request path, and its process-wide " +
 			"cache holds 100 names, so with 500 Services most requests look DNS up on the request path (fast here, " +
