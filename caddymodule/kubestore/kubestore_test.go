@@ -6,6 +6,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"go.uber.org/zap"
 	"time"
 
 	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore"
@@ -23,11 +25,8 @@ func TestContractOnFakeAPIServer(t *testing.T) {
 func TestErrorsNameWhatWasRefused(t *testing.T) {
 	f := kubetest.New(t, "caddy")
 	cfg := f.Config("other-ns")
-	s, err := kubestore.New(cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = s.Store(context.Background(), "k", []byte("v"))
+	s := mustNew(t, cfg, nil)
+	err := s.Store(context.Background(), "k", []byte("v"))
 	for _, want := range []string{"403", `"get"`, `"secrets"`, `"other-ns"`, "RBAC"} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Fatalf("Store in a namespace the token may not use: %v; want it to name %s", err, want)
@@ -44,10 +43,7 @@ func TestErrorsNameWhatWasRefused(t *testing.T) {
 
 func TestTokenIsReadAgainAfter401(t *testing.T) {
 	f := kubetest.New(t, "caddy")
-	s, err := kubestore.New(f.Config("caddy"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := mustNew(t, f.Config("caddy"), nil)
 	ctx := context.Background()
 	if err := s.Store(ctx, "k", []byte("v")); err != nil {
 		t.Fatal(err)
@@ -57,7 +53,7 @@ func TestTokenIsReadAgainAfter401(t *testing.T) {
 		t.Fatalf("Load after the token rotated: %v (the new token file was not read)", err)
 	}
 	f.Rotate(t, false) // the server refuses the token the file still has
-	_, err = s.Load(ctx, "k")
+	_, err := s.Load(ctx, "k")
 	if err == nil || !strings.Contains(err.Error(), "401") || !strings.Contains(err.Error(), "token_file") {
 		t.Fatalf("Load with a refused token: %v, want a 401 error naming token_file", err)
 	}
@@ -65,10 +61,7 @@ func TestTokenIsReadAgainAfter401(t *testing.T) {
 
 func TestAPIServerDownFailsWithinTheContext(t *testing.T) {
 	f := kubetest.New(t, "caddy")
-	s, err := kubestore.New(f.Config("caddy"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := mustNew(t, f.Config("caddy"), nil)
 	f.SetDown(true)
 	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
 	defer cancel()
@@ -119,10 +112,7 @@ func TestStoreWhenAnotherWriterComesBetween(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := kubetest.New(t, "caddy")
-			s, err := kubestore.New(f.Config("caddy"), nil)
-			if err != nil {
-				t.Fatal(err)
-			}
+			s := mustNew(t, f.Config("caddy"), nil)
 			ctx := context.Background()
 			if err := s.Store(ctx, "k", []byte("first")); err != nil {
 				t.Fatal(err)
@@ -153,10 +143,7 @@ func TestStoreWhenAnotherWriterComesBetween(t *testing.T) {
 // never handed out as that key's value.
 func TestLoadChecksTheKeyAnnotation(t *testing.T) {
 	f := kubetest.New(t, "caddy")
-	s, err := kubestore.New(f.Config("caddy"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := mustNew(t, f.Config("caddy"), nil)
 	ctx := context.Background()
 	if err := s.Store(ctx, "k", []byte("v")); err != nil {
 		t.Fatal(err)
@@ -177,12 +164,9 @@ func TestLoadChecksTheKeyAnnotation(t *testing.T) {
 // wording and no 1.4 MiB body is sent only to be refused).
 func TestValueOverTheLimitFailsBeforeTheAPIServer(t *testing.T) {
 	f := kubetest.New(t, "caddy")
-	s, err := kubestore.New(f.Config("caddy"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := mustNew(t, f.Config("caddy"), nil)
 	before := len(f.Requests())
-	err = s.Store(context.Background(), "big", make([]byte, kubestore.MaxValueSize+1))
+	err := s.Store(context.Background(), "big", make([]byte, kubestore.MaxValueSize+1))
 	if err == nil || !strings.Contains(err.Error(), `"big"`) || !strings.Contains(err.Error(), "at most 1048576") {
 		t.Fatalf("Store of 1 MiB + 1: %v, want an error naming the key and the limit", err)
 	}
@@ -197,10 +181,7 @@ func TestValueOverTheLimitFailsBeforeTheAPIServer(t *testing.T) {
 // Store reads again, finds another key's Secret and leaves it alone.
 func TestStoreNeverOverwritesWhatItDidNotRead(t *testing.T) {
 	f := kubetest.New(t, "caddy")
-	s, err := kubestore.New(f.Config("caddy"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := mustNew(t, f.Config("caddy"), nil)
 	ctx := context.Background()
 	if err := s.Store(ctx, "k", []byte("first")); err != nil {
 		t.Fatal(err)
@@ -216,7 +197,7 @@ func TestStoreNeverOverwritesWhatItDidNotRead(t *testing.T) {
 			})
 		}
 	})
-	err = s.Store(ctx, "k", []byte("mine"))
+	err := s.Store(ctx, "k", []byte("mine"))
 	if once {
 		t.Fatal("the other writer never came between")
 	}
@@ -263,10 +244,7 @@ func TestRequestTimeoutIsBounded(t *testing.T) {
 	f := kubetest.New(t, "caddy")
 	cfg := f.Config("caddy")
 	cfg.RequestTimeout = 200 * time.Millisecond
-	s, err := kubestore.New(cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := mustNew(t, cfg, nil)
 	release, _ := stall(f, func(verb, resource string) bool { return verb == "get" })
 	defer close(release)
 	if _, err := s.Load(context.Background(), "k"); !errors.Is(err, context.DeadlineExceeded) {
@@ -282,10 +260,7 @@ func TestWritesAreNotResentBlindly(t *testing.T) {
 	f := kubetest.New(t, "caddy")
 	cfg := f.Config("caddy")
 	cfg.RequestTimeout = 200 * time.Millisecond
-	s, err := kubestore.New(cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := mustNew(t, cfg, nil)
 	release, creates := stall(f, func(verb, resource string) bool { return verb == "create" })
 	defer close(release)
 	ok, err := s.TryLock(context.Background(), "l")
@@ -302,10 +277,7 @@ func TestWritesAreNotResentBlindly(t *testing.T) {
 // and gets the lock once the apiserver is back; a refusal ends it at once.
 func TestLockWaitsThroughAnOutage(t *testing.T) {
 	f := kubetest.New(t, "caddy")
-	s, err := kubestore.New(f.Config("caddy"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := mustNew(t, f.Config("caddy"), nil)
 	f.SetDown(true)
 	var mu sync.Mutex
 	failed := 0
@@ -326,10 +298,7 @@ func TestLockWaitsThroughAnOutage(t *testing.T) {
 		t.Fatalf("Lease holder %q, want replica-a's", h)
 	}
 
-	refused, err := kubestore.New(f.Config("other-ns"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	refused := mustNew(t, f.Config("other-ns"), nil)
 	if err := refused.Lock(ctx, "l"); err == nil || !strings.Contains(err.Error(), "403") || ctx.Err() != nil {
 		t.Fatalf("Lock refused by RBAC: %v (context %v); want the 403 at once", err, ctx.Err())
 	}
@@ -344,10 +313,7 @@ func TestLockWhoseCreateAnswerWasLost(t *testing.T) {
 	cfg := f.Config("caddy")
 	cfg.RequestTimeout = 200 * time.Millisecond
 	cfg.LeaseDuration, cfg.RenewInterval = time.Hour, time.Minute
-	s, err := kubestore.New(cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := mustNew(t, cfg, nil)
 	release := make(chan struct{})
 	var once sync.Once
 	f.BeforeRequest(func(verb, resource, name string) {
@@ -373,4 +339,14 @@ func TestLockWhoseCreateAnswerWasLost(t *testing.T) {
 	if names := f.LeaseNames("caddy"); len(names) != 0 {
 		t.Fatalf("Leases left after Unlock: %v", names)
 	}
+}
+
+// mustNew is kubestore.New for a config the test knows to be good.
+func mustNew(t testing.TB, cfg kubestore.Config, logger *zap.Logger) *kubestore.Storage {
+	t.Helper()
+	s, err := kubestore.New(cfg, logger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
 }

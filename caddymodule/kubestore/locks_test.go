@@ -21,10 +21,7 @@ import (
 func TestLostLockIsLoggedAndNotFreed(t *testing.T) {
 	api := kubetest.New(t, "caddy")
 	core, logs := observer.New(zap.InfoLevel)
-	s, err := kubestore.New(api.Config("caddy"), zap.New(core))
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := mustNew(t, api.Config("caddy"), zap.New(core))
 	ctx := context.Background()
 	const lock = "issue_cert_lost.example.com"
 	if err := s.Lock(ctx, lock); err != nil {
@@ -64,15 +61,9 @@ func TestLostLockIsLoggedAndNotFreed(t *testing.T) {
 func TestOutageDoesNotCountAsStaleness(t *testing.T) {
 	api := kubetest.New(t, "caddy")
 	cfg := api.Config("caddy")
-	holder, err := kubestore.New(cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	holder := mustNew(t, cfg, nil)
 	cfg.Identity = "waiter"
-	waiter, err := kubestore.New(cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	waiter := mustNew(t, cfg, nil)
 	ctx := context.Background()
 	if err := holder.Lock(ctx, "l"); err != nil {
 		t.Fatal(err)
@@ -103,15 +94,9 @@ func TestOutageDoesNotCountAsStaleness(t *testing.T) {
 func TestTakeoverRaceHasOneWinner(t *testing.T) {
 	api := kubetest.New(t, "caddy")
 	cfg := api.Config("caddy")
-	gone, err := kubestore.New(cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	gone := mustNew(t, cfg, nil)
 	cfg.Identity = "waiter"
-	waiter, err := kubestore.New(cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	waiter := mustNew(t, cfg, nil)
 	ctx := context.Background()
 	if err := gone.Lock(ctx, "l"); err != nil {
 		t.Fatal(err)
@@ -160,15 +145,9 @@ func TestTakeoverRaceHasOneWinner(t *testing.T) {
 func TestHeldLockOutlivesTheLockContext(t *testing.T) {
 	api := kubetest.New(t, "caddy")
 	cfg := api.Config("caddy")
-	holder, err := kubestore.New(cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	holder := mustNew(t, cfg, nil)
 	cfg.Identity = "waiter"
-	waiter, err := kubestore.New(cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	waiter := mustNew(t, cfg, nil)
 	lockCtx, cancel := context.WithCancel(context.Background())
 	if err := holder.Lock(lockCtx, "issue_cert_long.example.com"); err != nil {
 		t.Fatal(err)
@@ -193,18 +172,12 @@ func TestHeldLockOutlivesTheLockContext(t *testing.T) {
 func TestHeldLocksSurviveReprovisioning(t *testing.T) {
 	api := kubetest.New(t, "caddy")
 	cfg := api.Config("caddy")
-	before, err := kubestore.New(cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	before := mustNew(t, cfg, nil)
 	ctx := context.Background()
 	if err := before.Lock(ctx, "issue_cert_reload.example.com"); err != nil {
 		t.Fatal(err)
 	}
-	after, err := kubestore.New(cfg, nil) // the reload
-	if err != nil {
-		t.Fatal(err)
-	}
+	after := mustNew(t, cfg, nil) // the reload
 	if ok, err := after.TryLock(ctx, "issue_cert_reload.example.com"); ok || err != nil {
 		t.Fatalf("TryLock of the held lock from the reloaded storage = %v, %v", ok, err)
 	}
@@ -222,17 +195,11 @@ func TestHeldLocksSurviveReprovisioning(t *testing.T) {
 func TestWallClockStepsDoNotExpireLocks(t *testing.T) {
 	api := kubetest.New(t, "caddy")
 	cfg := api.Config("caddy")
-	holder, err := kubestore.New(cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	holder := mustNew(t, cfg, nil)
 	var steps atomic.Int64
 	cfg.Identity = "waiter"
 	cfg.Now = func() time.Time { return time.Now().Add(time.Duration(steps.Add(1)) * time.Hour).Round(0) }
-	waiter, err := kubestore.New(cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	waiter := mustNew(t, cfg, nil)
 	ctx := context.Background()
 	if err := holder.Lock(ctx, "l"); err != nil {
 		t.Fatal(err)
@@ -253,15 +220,9 @@ func TestWallClockStepsDoNotExpireLocks(t *testing.T) {
 func TestTryLockDoesNotWait(t *testing.T) {
 	api := kubetest.New(t, "caddy")
 	cfg := api.Config("caddy")
-	holder, err := kubestore.New(cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	holder := mustNew(t, cfg, nil)
 	cfg.Identity = "other"
-	other, err := kubestore.New(cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	other := mustNew(t, cfg, nil)
 	ctx := context.Background()
 	if err := holder.Lock(ctx, "l"); err != nil {
 		t.Fatal(err)

@@ -49,10 +49,7 @@ func TestMetricsCountOperationsAndLocks(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(kubestore.Collectors()...)
 	api := kubetest.New(t, "caddy")
-	s, err := kubestore.New(api.Config("caddy"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := mustNew(t, api.Config("caddy"), nil)
 	ctx := context.Background()
 	const ops, dur, held = "caddy_headless_storage_operations_total", "caddy_headless_storage_operation_duration_seconds", "caddy_headless_storage_locks_held"
 	storeOK := map[string]string{"operation": "store", "result": "ok"}
