@@ -105,7 +105,7 @@ func (s *Storage) Lock(ctx context.Context, name string) (err error) {
 		case err != nil && !transient(err):
 			return err
 		case err != nil && failing == nil:
-			s.logger.Warn("waiting for lock: the apiserver did not answer; trying again",
+			s.logger.Warn("waiting for lock: the apiserver is unavailable; trying again",
 				zap.String("lock", name), zap.Duration("every", s.cfg.PollInterval), zap.Error(err))
 		}
 		failing = err
