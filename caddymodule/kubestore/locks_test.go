@@ -59,11 +59,7 @@ func TestLostLockIsLoggedAndNotFreed(t *testing.T) {
 // polled through the outage must not take the lock at its first read
 // afterwards: it did not watch the Lease go unrenewed, it watched nothing.
 func TestOutageDoesNotCountAsStaleness(t *testing.T) {
-	api := kubetest.New(t, "caddy")
-	cfg := api.Config("caddy")
-	holder := mustNew(t, cfg, nil)
-	cfg.Identity = "waiter"
-	waiter := mustNew(t, cfg, nil)
+	api, cfg, holder, waiter := twoReplicas(t, nil)
 	ctx := context.Background()
 	if err := holder.Lock(ctx, "l"); err != nil {
 		t.Fatal(err)
@@ -92,11 +88,7 @@ func TestOutageDoesNotCountAsStaleness(t *testing.T) {
 // The takeover carries the resourceVersion it read, so this one gets 409
 // and reports "not taken": never two holders.
 func TestTakeoverRaceHasOneWinner(t *testing.T) {
-	api := kubetest.New(t, "caddy")
-	cfg := api.Config("caddy")
-	gone := mustNew(t, cfg, nil)
-	cfg.Identity = "waiter"
-	waiter := mustNew(t, cfg, nil)
+	api, cfg, gone, waiter := twoReplicas(t, nil)
 	ctx := context.Background()
 	if err := gone.Lock(ctx, "l"); err != nil {
 		t.Fatal(err)
@@ -143,11 +135,7 @@ func TestTakeoverRaceHasOneWinner(t *testing.T) {
 // The heartbeat does not depend on it: for more than lease_duration after
 // the context ended, another replica still cannot take the lock.
 func TestHeldLockOutlivesTheLockContext(t *testing.T) {
-	api := kubetest.New(t, "caddy")
-	cfg := api.Config("caddy")
-	holder := mustNew(t, cfg, nil)
-	cfg.Identity = "waiter"
-	waiter := mustNew(t, cfg, nil)
+	_, cfg, holder, waiter := twoReplicas(t, nil)
 	lockCtx, cancel := context.WithCancel(context.Background())
 	if err := holder.Lock(lockCtx, "issue_cert_long.example.com"); err != nil {
 		t.Fatal(err)
@@ -193,13 +181,10 @@ func TestHeldLocksSurviveReprovisioning(t *testing.T) {
 // hour forward at every reading (NTP steps, a resumed VM). Staleness is
 // measured on the monotonic clock, so a live holder keeps its lock.
 func TestWallClockStepsDoNotExpireLocks(t *testing.T) {
-	api := kubetest.New(t, "caddy")
-	cfg := api.Config("caddy")
-	holder := mustNew(t, cfg, nil)
 	var steps atomic.Int64
-	cfg.Identity = "waiter"
-	cfg.Now = func() time.Time { return time.Now().Add(time.Duration(steps.Add(1)) * time.Hour).Round(0) }
-	waiter := mustNew(t, cfg, nil)
+	_, cfg, holder, waiter := twoReplicas(t, func(c *kubestore.Config) {
+		c.Now = func() time.Time { return time.Now().Add(time.Duration(steps.Add(1)) * time.Hour).Round(0) }
+	})
 	ctx := context.Background()
 	if err := holder.Lock(ctx, "l"); err != nil {
 		t.Fatal(err)
@@ -218,11 +203,7 @@ func TestWallClockStepsDoNotExpireLocks(t *testing.T) {
 // TestTryLockDoesNotWait: TryLock of a live holder's lock looks once (one
 // read of the Lease) and reports false; it never polls for the holder.
 func TestTryLockDoesNotWait(t *testing.T) {
-	api := kubetest.New(t, "caddy")
-	cfg := api.Config("caddy")
-	holder := mustNew(t, cfg, nil)
-	cfg.Identity = "other"
-	other := mustNew(t, cfg, nil)
+	api, _, holder, other := twoReplicas(t, nil)
 	ctx := context.Background()
 	if err := holder.Lock(ctx, "l"); err != nil {
 		t.Fatal(err)
@@ -249,4 +230,19 @@ func TestTryLockDoesNotWait(t *testing.T) {
 	if err := holder.Unlock(ctx, "l"); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// twoReplicas starts a fake apiserver and two storages on it, replica-a and
+// waiter (edit, if set, changes the waiter's config); cfg is replica-a's.
+func twoReplicas(t *testing.T, edit func(*kubestore.Config)) (api *kubetest.API, cfg kubestore.Config, first, second *kubestore.Storage) {
+	t.Helper()
+	api = kubetest.New(t, "caddy")
+	cfg = api.Config("caddy")
+	first = mustNew(t, cfg, nil)
+	c := cfg
+	c.Identity = "waiter"
+	if edit != nil {
+		edit(&c)
+	}
+	return api, cfg, first, mustNew(t, c, nil)
 }
