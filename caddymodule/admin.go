@@ -72,8 +72,9 @@ type WatcherStatus struct {
 	// the endpoints of an earlier answer are kept) or "failing" (lookups fail
 	// and there are no endpoints).
 	Status string `json:"status"`
-	// Endpoints are the addresses DNS returned, sorted. Without health checks
-	// requests are sent to all of them.
+	// Endpoints are the addresses DNS returned, sorted. Requests are sent to
+	// those that pass health checks (if any are configured) and are not set
+	// aside.
 	Endpoints []EndpointStatus `json:"endpoints"`
 	// HealthChecks is present when the endpoints are probed (`health_*` options).
 	HealthChecks *HealthStatus `json:"health_checks,omitempty"`
@@ -83,6 +84,14 @@ type WatcherStatus struct {
 	Server string `json:"server,omitempty"`
 	// TTLSeconds is the TTL of that answer.
 	TTLSeconds float64 `json:"ttl_seconds"`
+	// Cached is true once the answers' TTL was seen counting down between
+	// lookups: a cache sits between the proxy and the cluster's DNS, and
+	// CacheMaxAgeSeconds (the longest TTL seen) is how old an answer may be.
+	Cached             bool    `json:"cached"`
+	CacheMaxAgeSeconds float64 `json:"cache_max_age_seconds,omitempty"`
+	// AnswerAgeSeconds is how old the data of the last answer is: the time
+	// since it arrived plus, from a cache, how long the cache had held it.
+	AnswerAgeSeconds float64 `json:"answer_age_seconds"`
 	// ResolvedAt is when DNS last answered definitively (records, NXDOMAIN or NODATA).
 	ResolvedAt time.Time `json:"resolved_at,omitzero"`
 	// Error is the last lookup's error, empty after a success; ErrorAt its time.
@@ -117,6 +126,9 @@ type EndpointStatus struct {
 	// Health is what the health checks say: "healthy", "unhealthy" or
 	// "unknown" (not probed yet); absent without health checks.
 	Health string `json:"health,omitempty"`
+	// SetAside is true while the endpoint gets no requests because a
+	// connection to it failed and none has succeeded since.
+	SetAside bool `json:"set_aside,omitempty"`
 	// LastCheck is when the last probe finished; LastError its error, absent
 	// if it passed.
 	LastCheck time.Time `json:"last_check,omitzero"`
@@ -331,6 +343,7 @@ func statusOf(w *discovery.Watcher, users int) WatcherStatus {
 	}
 	for i, e := range s.Endpoints {
 		es := EndpointStatus{Address: e.Dial, IP: e.IP.String(), Port: e.Port, Target: e.Target}
+		_, es.SetAside = slices.BinarySearch(st.SetAside, e.Dial)
 		if st.Health != nil {
 			h := st.Health.Endpoints[i]
 			es.Health, es.LastCheck = h.State.String(), h.LastCheck
@@ -343,6 +356,14 @@ func statusOf(w *discovery.Watcher, users int) WatcherStatus {
 	out.Outcome = string(s.Outcome)
 	out.Server = s.Server
 	out.TTLSeconds = s.TTL.Seconds()
+	if !s.Resolved.IsZero() {
+		age := time.Since(s.Resolved)
+		if s.Cached {
+			out.Cached, out.CacheMaxAgeSeconds = true, s.MaxTTL.Seconds()
+			age += s.MaxTTL - s.TTL
+		}
+		out.AnswerAgeSeconds = age.Seconds()
+	}
 	out.ResolvedAt = s.Resolved
 	if s.Err != nil {
 		out.Error = s.Err.Error()

@@ -226,6 +226,10 @@ func TestAdminHealthyService(t *testing.T) {
 		Outcome: "success", Server: dnsSrv.Addr, TTLSeconds: 5, Users: 1,
 		// Times and counts are checked below.
 		ResolvedAt: got.ResolvedAt, NextRefresh: got.NextRefresh, Lookups: got.Lookups,
+		AnswerAgeSeconds: got.AnswerAgeSeconds,
+	}
+	if got.AnswerAgeSeconds < 0 || got.AnswerAgeSeconds > 60 {
+		t.Errorf("answer_age_seconds %v: want the seconds since the answer", got.AnswerAgeSeconds)
 	}
 	if !equalJSON(got, want) {
 		t.Errorf("GET /headless/frontend.bbs.svc.cluster.local\n got %s\nwant %s", toJSON(got), toJSON(want))

@@ -2,8 +2,12 @@ package caddymodule
 
 import (
 	"encoding/json"
+	"fmt"
+	"strconv"
 	"strings"
+	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
@@ -159,6 +163,9 @@ func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, er
 		return nil, err
 	}
 	rp.Upstreams = nil
+	if err := departureDefaults(rp, toks); err != nil {
+		return nil, d.Errf("headless_proxy: %v", err)
+	}
 	if probeTLS {
 		// The upstreams speak HTTPS: so do the probes, verifying the
 		// endpoints as the transport does.
@@ -178,6 +185,59 @@ func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, er
 			reverseproxy.MultiUpstreams{SourcesRaw: sources}, "source", "multi", nil)
 	}
 	return rp, nil
+}
+
+// The defaults an endpoint that leaves must not cost a request under
+// (docs/design.md, "Endpoints that leave"); the user's own settings win.
+const (
+	// DefaultRetries: a request whose try failed is tried again on another
+	// endpoint, at once, up to this many times. reverse_proxy retries a
+	// failed dial for every method (nothing was sent) and other errors only
+	// for GET; the endpoint that failed is set aside meanwhile.
+	DefaultRetries = 2
+	// DefaultDialTimeout bounds a connection attempt to an endpoint: one in
+	// the cluster connects in milliseconds, a lost node never answers, and
+	// a retry elsewhere is cheaper than Caddy's 3 s wait.
+	DefaultDialTimeout = time.Second
+)
+
+// departureDefaults sets lb_retries and the http transport's dial_timeout on
+// rp, the handler parsed from toks, where the user set neither (nor
+// lb_try_duration, which bounds retries by time instead).
+func departureDefaults(rp *reverseproxy.Handler, toks []caddyfile.Token) error {
+	set := map[string]bool{}
+	d := caddyfile.NewDispenser(toks)
+	d.Next()
+	d.RemainingArgs()
+	for d.NextBlock(0) {
+		if d.Nesting() == 1 {
+			set[d.Val()] = true
+		}
+	}
+	if !set["lb_retries"] && !set["lb_try_duration"] {
+		if rp.LoadBalancing == nil {
+			rp.LoadBalancing = new(reverseproxy.LoadBalancing)
+		}
+		rp.LoadBalancing.Retries = DefaultRetries
+	}
+	if rp.TransportRaw == nil {
+		rp.TransportRaw = caddyconfig.JSONModuleObject(reverseproxy.HTTPTransport{DialTimeout: caddy.Duration(DefaultDialTimeout)}, "protocol", "http", nil)
+		return nil
+	}
+	var t map[string]json.RawMessage
+	if err := json.Unmarshal(rp.TransportRaw, &t); err != nil {
+		return fmt.Errorf("reading the transport: %v", err)
+	}
+	if string(t["protocol"]) != `"http"` || t["dial_timeout"] != nil {
+		return nil
+	}
+	t["dial_timeout"] = json.RawMessage(strconv.FormatInt(int64(DefaultDialTimeout), 10))
+	raw, err := json.Marshal(t)
+	if err != nil {
+		return err
+	}
+	rp.TransportRaw = raw
+	return nil
 }
 
 // splitScheme splits the current argument into a service reference and its

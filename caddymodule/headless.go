@@ -56,8 +56,12 @@ type Headless struct {
 	// The shortest interval between re-checks. The record TTL is clamped to
 	// [refresh_min, refresh_max], then lengthened by up to 10% of jitter (so a
 	// Service is asked at most once per interval on average).
-	// Default: 1s — cluster DNS answers from memory and shows a pod change within
-	// tens of milliseconds, so its TTLs (5–30 s) need not be waited for.
+	// Default: 1s — CoreDNS's kubernetes plugin answers from memory and shows a
+	// pod change within tens of milliseconds, so its TTLs (5–30 s) need not be
+	// waited for. A cache between Caddy and it (NodeLocal DNSCache, GKE's
+	// kube-dns, a CoreDNS `cache`) answers from its own memory for up to its
+	// TTL, whatever this is: the source detects it and warns (see the README,
+	// Freshness in a real cluster).
 	RefreshMin caddy.Duration `json:"refresh_min,omitempty"`
 
 	// The longest interval between re-checks; set it above refresh_min to let
@@ -324,12 +328,21 @@ func upstreamsOf(eps []discovery.Endpoint) []*reverseproxy.Upstream {
 
 // ResetCache is called by reverse_proxy before retrying a failed request, and
 // right before the GetUpstreams of the retry: that one hands out every
-// endpoint, since the candidates of the first try may all have been down. It
-// asks the watcher for a refresh in the background (rate-limited) rather than
-// looking anything up on the request path.
+// endpoint but the one that just failed, which is set aside (see
+// discovery.Watcher.SetAside): a dial that failed means, most often, an
+// endpoint that left (a pod stopped, a node lost) while DNS still names it.
+// It asks the watcher for a refresh in the background (rate-limited) rather
+// than looking anything up on the request path.
 func (h *Headless) ResetCache(r *http.Request) error {
 	if h.sampler != nil {
 		h.retry.Store(r, struct{}{})
+	}
+	// The endpoint the failed try went to (reverse_proxy set the placeholder
+	// when it chose it) is set aside until it accepts connections again.
+	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
+		if dial, ok := repl.GetString("http.reverse_proxy.upstream.hostport"); ok {
+			h.watcher.SetAside(dial)
+		}
 	}
 	h.watcher.Refresh()
 	return nil

@@ -44,13 +44,19 @@ var (
 		"How long one lookup of a headless Service took, failover and TCP fallback included.",
 		[]string{"service"}, nil)
 	descEndpoints = prometheus.NewDesc("caddy_headless_endpoints",
-		"Endpoints that requests are currently sent to.",
+		"Endpoints that DNS returned (before health checks and set-aside endpoints are left out).",
 		[]string{"service"}, nil)
 	descSinceSuccess = prometheus.NewDesc("caddy_headless_seconds_since_success",
 		"Seconds since DNS last answered definitively (records, NXDOMAIN or NODATA); absent until it has.",
 		[]string{"service"}, nil)
 	descStale = prometheus.NewDesc("caddy_headless_stale",
 		"1 while lookups fail and the endpoints are kept from an earlier answer, else 0.",
+		[]string{"service"}, nil)
+	descCache = prometheus.NewDesc("caddy_headless_dns_cache_max_age_seconds",
+		"How old a DNS answer may be when it reaches the proxy: the longest TTL seen, once the answers' TTL was seen counting down (a cache, such as NodeLocal DNSCache, between the proxy and the cluster's DNS); 0 while none was detected.",
+		[]string{"service"}, nil)
+	descAside = prometheus.NewDesc("caddy_headless_endpoints_set_aside",
+		"Endpoints that DNS still names but that get no requests: a connection to them failed, and none has succeeded since.",
 		[]string{"service"}, nil)
 )
 
@@ -75,7 +81,7 @@ var healthDescs = []*prometheus.Desc{descChecks, descTransitions, descHealthy, d
 
 // allDescs are the metrics a serviceCollector exports.
 var allDescs = append([]*prometheus.Desc{descLookups, descQueries, descTruncated, descDropped,
-	descDuration, descEndpoints, descSinceSuccess, descStale}, healthDescs...)
+	descDuration, descEndpoints, descSinceSuccess, descStale, descCache, descAside}, healthDescs...)
 
 // serviceCollector exports the watchers one config uses. One is registered on
 // each config's registry; every Headless of that config adds its watcher.
@@ -148,6 +154,8 @@ type serviceSeries struct {
 	endpoints    int
 	sinceSuccess float64 // -1 until one of the watchers has had an answer
 	stale        bool
+	cacheMaxAge  float64 // the longest among the watchers
+	aside        int     // summed
 	watchers     int
 
 	health  bool // one of the watchers has health checks
@@ -208,6 +216,8 @@ func (c *serviceCollector) Collect(ch chan<- prometheus.Metric) {
 			stale = 1
 		}
 		ch <- prometheus.MustNewConstMetric(descStale, prometheus.GaugeValue, stale, label)
+		ch <- prometheus.MustNewConstMetric(descCache, prometheus.GaugeValue, s.cacheMaxAge, label)
+		ch <- prometheus.MustNewConstMetric(descAside, prometheus.GaugeValue, float64(s.aside), label)
 		if !s.health {
 			continue
 		}
@@ -239,6 +249,9 @@ func (s *serviceSeries) add(st discovery.Status, now time.Time) {
 	n, since, stale := 0, -1.0, false
 	if snap := st.Snapshot; snap != nil {
 		n, stale = len(snap.Endpoints), snap.Stale()
+		if snap.Cached {
+			s.cacheMaxAge = max(s.cacheMaxAge, snap.MaxTTL.Seconds())
+		}
 		if !snap.Resolved.IsZero() {
 			since = max(now.Sub(snap.Resolved).Seconds(), 0)
 		}
@@ -248,6 +261,7 @@ func (s *serviceSeries) add(st discovery.Status, now time.Time) {
 	}
 	s.sinceSuccess = max(s.sinceSuccess, since)
 	s.stale = s.stale || stale
+	s.aside += len(st.SetAside)
 	s.watchers++
 }
 

@@ -246,11 +246,16 @@ func (res *Result) account(reply Reply, err error) {
 }
 
 // merge combines per-question outcomes: any records make it a success, NODATA
-// beats NXDOMAIN (the name exists).
+// beats NXDOMAIN (the name exists). The TTL is that of the records once there
+// are any: a negative answer for the other family does not shorten it (nor
+// make a cache's countdown out of a lookup that asked one family more).
 func (res *Result) merge(o Outcome, ttl time.Duration) {
 	switch {
-	case o == OutcomeSuccess:
-		res.Outcome = OutcomeSuccess
+	case o == OutcomeSuccess && res.Outcome != OutcomeSuccess:
+		res.Outcome, res.TTL = OutcomeSuccess, ttl
+		return
+	case o != OutcomeSuccess && res.Outcome == OutcomeSuccess:
+		return
 	case o == OutcomeNoData && res.Outcome == OutcomeNXDomain:
 		res.Outcome = OutcomeNoData
 	}

@@ -8,7 +8,8 @@ import (
 
 // Which endpoints one request may go to is decided here, and only here: the
 // Snapshot's endpoints, those passing health checks, a ramping one left out
-// at random during its slow start. Callers translate the result; they do
+// at random during its slow start, none set aside after a failed dial
+// (aside.go). Callers translate the result; they do
 // not filter it again.
 
 // Endpoints returns the endpoints a request may go to now, sorted. The
@@ -34,7 +35,8 @@ func (w *Watcher) Endpoints(ctx context.Context) ([]Endpoint, error) {
 			now = time.Now()
 		}
 	}
-	return selectEndpoints(s, v, now, w.coin)
+	eps, err := selectEndpoints(s, v, now, w.coin)
+	return w.aside.filter(s, eps), err
 }
 
 // selectEndpoints picks from s by the health view v (nil without health

@@ -30,7 +30,9 @@ type Status struct {
 	State    State
 	// Health is nil without health checks.
 	Health *HealthStatus
-	Stats  Stats
+	// SetAside are the endpoints set aside after a failed dial, sorted.
+	SetAside []string
+	Stats    Stats
 }
 
 // HealthStatus is what the probes say about a Snapshot's endpoints.
@@ -166,6 +168,7 @@ func (w *Watcher) Status() Status {
 	if w.prober != nil {
 		st.Health = w.prober.status(s)
 	}
+	st.SetAside = w.SetAsideEndpoints()
 	return st
 }
 

@@ -113,6 +113,13 @@ type Snapshot struct {
 	Outcome Outcome
 	// TTL seen in the last successful answer.
 	TTL time.Duration
+	// Cached is set once two answers of the same records from the same
+	// server showed a TTL that counts down: the cluster's DNS (CoreDNS's
+	// kubernetes plugin answers with a fixed TTL) sits behind a cache, whose
+	// answers may be up to MaxTTL old. It stays set. MaxTTL is the longest
+	// TTL any answer had.
+	Cached bool
+	MaxTTL time.Duration
 	// Server that gave the last successful answer.
 	Server string
 	// Resolved is when DNS last answered definitively (records, NXDOMAIN or NODATA).
@@ -158,6 +165,7 @@ type Watcher struct {
 	warned  warnings      // owned by the run goroutine
 
 	prober *Prober // nil without health checks
+	aside  *aside  // endpoints whose dial failed
 }
 
 // ErrNotResolved is returned while a Service has never been resolved.
@@ -205,6 +213,7 @@ func New(cfg Config, logger *zap.Logger) *Watcher {
 		w.prober.stats = &w.stats
 	}
 	w.ctx = ctx
+	w.aside = newAside(ctx, cfg.Service, &w.logger)
 	return w
 }
 
@@ -258,6 +267,7 @@ func (w *Watcher) Stop() {
 	if w.prober != nil {
 		w.prober.stop()
 	}
+	w.aside.stop()
 }
 
 // Destruct stops the Watcher; it lets a caddy.UsagePool release it.
@@ -330,6 +340,7 @@ func (w *Watcher) publish(s *Snapshot) {
 		// Before the snapshot is visible, so its health view is there too.
 		w.prober.update(s)
 	}
+	w.aside.update(s)
 	w.snap.Store(s)
 	w.mu.Lock()
 	close(w.published)
@@ -453,7 +464,17 @@ func (w *Watcher) next(prev *Snapshot, res Result, err error, now time.Time, seq
 		s.Seq = seq
 	}
 	if err == nil {
+		cached := countsDown(prev, res)
 		s.Endpoints, s.Outcome, s.TTL, s.Server = res.Endpoints, res.Outcome, res.TTL, res.Server
+		if res.Outcome == OutcomeSuccess {
+			s.MaxTTL = max(s.MaxTTL, res.TTL)
+		}
+		if cached && !s.Cached {
+			s.Cached = true
+			log.Warn("DNS answers come from a cache: their TTL counts down between lookups, so a change to the Service (an endpoint that leaves) can be seen up to max_age late; requests still avoid endpoints that refuse connections. To see changes at once, point resolvers at the cluster DNS behind the cache (the kube-dns-upstream Service under NodeLocal DNSCache); see the README, Freshness in a real cluster",
+				zap.String("service", svc.String()), zap.String("server", res.Server),
+				zap.Duration("max_age", s.MaxTTL), zap.Duration("ttl", res.TTL), zap.Duration("previous_ttl", prev.TTL))
+		}
 		s.Resolved, s.Err, s.ErrAt, s.StaleSince, s.Expired = now, nil, time.Time{}, time.Time{}, false
 		s.Next = now.Add(jitter(clamp(res.TTL, w.cfg.RefreshMin, w.cfg.RefreshMax)))
 		if len(s.Endpoints) == 0 {
@@ -516,6 +537,15 @@ func (w *Watcher) next(prev *Snapshot, res Result, err error, now time.Time, seq
 			zap.String("service", svc.String()), zap.Int("failures", failures), zap.Error(err))
 	}
 	return s
+}
+
+// countsDown reports whether res repeats prev's answer (same server, same
+// records) with a lower TTL: the answer aged in a cache. A server that
+// answers from its data (CoreDNS's kubernetes plugin) gives the same TTL
+// every time.
+func countsDown(prev *Snapshot, res Result) bool {
+	return prev != nil && prev.Err == nil && prev.Outcome == OutcomeSuccess && res.Outcome == OutcomeSuccess &&
+		prev.Server == res.Server && res.TTL < prev.TTL && slices.Equal(prev.Endpoints, res.Endpoints)
 }
 
 func (w *Watcher) logChange(log *zap.Logger, prev, s *Snapshot, res Result) {
