@@ -196,9 +196,12 @@ const (
 	// for GET; the endpoint that failed is set aside meanwhile.
 	DefaultRetries = 2
 	// DefaultDialTimeout bounds a connection attempt to an endpoint: one in
-	// the cluster connects in milliseconds, a lost node never answers, and
-	// a retry elsewhere is cheaper than Caddy's 3 s wait.
-	DefaultDialTimeout = time.Second
+	// the cluster connects in milliseconds, a lost node never answers. Below
+	// Linux's 1 s SYN retransmission: a connect not done by then lost its SYN
+	// or its peer, and a retry elsewhere is cheaper than Caddy's 3 s wait.
+	// It also bounds the request that first meets a dead endpoint which a
+	// DNS cache reveals late (after it died) to well under a second.
+	DefaultDialTimeout = 750 * time.Millisecond
 )
 
 // departureDefaults sets lb_retries and the http transport's dial_timeout on

@@ -53,7 +53,8 @@ func siteBlock(body string) string {
 }
 
 // headlessOpts are the options of `dynamic headless` every scenario uses:
-// the suite's CoreDNS and refresh bounds of 1 s and 2 s (CoreDNS's TTL is 5 s).
+// the suite's CoreDNS and refresh bounds of 1 s and 2 s (CoreDNS's TTL is
+// kubeadm's 30 s).
 func (s *suite) headlessOpts() string {
 	return fmt.Sprintf("resolvers %s\n\t\t\tcluster_domain cluster.local\n\t\t\trefresh %s %s",
 		s.dnsAddr(), refreshMin, refreshMax)

@@ -132,7 +132,7 @@ cluster.local:%[1]d {
 	ready 127.0.0.1:%[3]d
 	kubernetes cluster.local {
 		kubeconfig %[4]s e2e
-		ttl 5
+		ttl 30
 	}
 }
 `, s.dnsPort, health, s.dnsReady, s.kubeconfig, site)

@@ -120,7 +120,7 @@ func TestMain(m *testing.M) {
 	env = s
 	code := m.Run()
 	if len(convergence) > 0 {
-		fmt.Printf("e2e: convergence times measured (refresh %v..%v, CoreDNS ttl 5, bound %v):\n", refreshMin, refreshMax, convergeBound)
+		fmt.Printf("e2e: convergence times measured (refresh %v..%v, CoreDNS ttl 30, bound %v):\n", refreshMin, refreshMax, convergeBound)
 		for _, c := range convergence {
 			fmt.Printf("e2e:   %s\n", c)
 		}

@@ -1,7 +1,8 @@
 // Command coredns is CoreDNS, built from the Go module proxy with only the
 // plugins the integration suite needs: kubernetes for the cluster zone, hosts
-// to give the ACME CA an address for the site Caddy serves, and bind, errors,
-// log, health and ready.
+// to give the ACME CA an address for the site Caddy serves, cache and forward
+// for a node-local DNS cache in front of it (NodeLocal DNSCache's own
+// plugins), and bind, errors, log, health and ready.
 package main
 
 import (
@@ -9,7 +10,9 @@ import (
 	"github.com/coredns/coredns/coremain"
 
 	_ "github.com/coredns/coredns/plugin/bind"
+	_ "github.com/coredns/coredns/plugin/cache"
 	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/forward"
 	_ "github.com/coredns/coredns/plugin/health"
 	_ "github.com/coredns/coredns/plugin/hosts"
 	_ "github.com/coredns/coredns/plugin/kubernetes"
@@ -25,8 +28,10 @@ var directives = []string{
 	"health",
 	"errors",
 	"log",
+	"cache",
 	"hosts",
 	"kubernetes",
+	"forward",
 }
 
 func init() {
