@@ -62,6 +62,9 @@ type Result struct {
 	// (at most maxRefusedListed of them; RefusedCount counts all).
 	Refused      []RefusedEndpoint
 	RefusedCount int
+	// Partial is set when one family's question (A or AAAA) failed and the
+	// other's gave addresses: Endpoints are of the family that answered.
+	Partial error
 
 	// malformed says why an answer without usable records was not taken as
 	// NODATA (a CNAME chain past MaxCNAMEs, a loop, records for other names
@@ -88,10 +91,21 @@ func (r *Resolver) Lookup(ctx context.Context, svc Service, v4, v6 bool) (Result
 			reply, err := r.Exchange(ctx, svc.FQDN, t)
 			res.account(reply, err)
 			if err != nil {
-				return res, err
+				// One family failing (a server that REFUSEs AAAA, drops it or
+				// answers it slowly) must not throw away the other's answer.
+				if len(types) == 1 || res.Partial != nil || ctx.Err() != nil {
+					return res, err
+				}
+				res.Partial = err
+				continue
 			}
 			got, _ := endpointsFromReply(reply.Msg, svc, t, types, &res)
 			eps = append(eps, got...)
+		}
+		if res.Partial != nil && len(eps) == 0 {
+			// The family that answered has nothing: that is no answer while
+			// the other failed.
+			return res, res.Partial
 		}
 	} else {
 		var err error

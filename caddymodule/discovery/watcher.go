@@ -368,8 +368,16 @@ func (w *Watcher) run(ctx context.Context) {
 		w.started.Store(seq)
 		lastStart = time.Now()
 		res, err := w.lookup(ctx, single, seq)
+		if err == nil && res.Partial != nil && hasFamily(w.snap.Load(), failedFamily(res.Partial)) {
+			// Taking the answer would drop the failed family's endpoints we
+			// have: a transient failure, as if both had failed.
+			err = res.Partial
+		}
 		if err == nil {
 			single = familyOf(res.Endpoints)
+			if res.Partial != nil {
+				single = 0 // keep asking the family that failed
+			}
 		}
 		if ctx.Err() != nil {
 			return
@@ -468,6 +476,7 @@ func (w *Watcher) next(prev *Snapshot, res Result, err error, now time.Time, seq
 				zap.String("service", svc.String()), zap.Int("dropped", res.Dropped))
 		}
 		w.logRefused(log, res, now)
+		w.logPartial(log, res, now)
 		return s
 	}
 
