@@ -382,9 +382,6 @@ func (w *Watcher) run(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		if err == nil {
-			err = w.cfg.Addresses.apply(w.cfg.Service, &res)
-		}
 		now := time.Now()
 		if err != nil {
 			failures++
@@ -438,13 +435,13 @@ func familyOf(eps []Endpoint) family {
 func (w *Watcher) lookup(ctx context.Context, single family, seq uint64) (Result, error) {
 	v4, v6 := w.cfg.IPv4, w.cfg.IPv6
 	if !v4 || !v6 || single == 0 || w.cfg.Service.SRV() || seq%missingFamilyEvery == 0 {
-		return w.cfg.Resolver.Lookup(ctx, w.cfg.Service, v4, v6)
+		return w.cfg.Resolver.LookupAllowed(ctx, w.cfg.Service, v4, v6, w.cfg.Addresses)
 	}
-	res, err := w.cfg.Resolver.Lookup(ctx, w.cfg.Service, single == 4, single == 6)
+	res, err := w.cfg.Resolver.LookupAllowed(ctx, w.cfg.Service, single == 4, single == 6, w.cfg.Addresses)
 	if err != nil || len(res.Endpoints) > 0 {
 		return res, err
 	}
-	again, err := w.cfg.Resolver.Lookup(ctx, w.cfg.Service, v4, v6)
+	again, err := w.cfg.Resolver.LookupAllowed(ctx, w.cfg.Service, v4, v6, w.cfg.Addresses)
 	again.Queries += res.Queries
 	again.Truncated += res.Truncated
 	return again, err
