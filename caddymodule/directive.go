@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"encoding/json"
+	"fmt"
 	"strings"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -77,6 +78,7 @@ func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, er
 
 	// Take the headless options out of the block, leaving reverse_proxy's.
 	var opts Headless
+	parser := newOptionParser(&opts)
 	for d.NextBlock(0) {
 		// Only the first token of a line directly inside the block names an
 		// option; nested blocks (transport, handle_response, …) and their
@@ -94,7 +96,7 @@ func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, er
 		seg := d.NextSegment()
 		sub := caddyfile.NewDispenser(seg)
 		sub.Next()
-		known, err := opts.UnmarshalOption(sub)
+		known, err := parser.option(sub)
 		if err != nil {
 			return nil, err
 		}
@@ -126,7 +128,7 @@ func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, er
 		src.Service = ref
 		cfg, err := src.config(caddyfileEnv)
 		if err != nil {
-			return nil, d.Errf("headless_proxy: %v", err)
+			return nil, parser.errAt(d, fmt.Errorf("headless_proxy: %v", err))
 		}
 		q := cfg.Service.String()
 		if seen[q] {
