@@ -143,11 +143,12 @@ type Watcher struct {
 	stats  stats
 	coin   func() float64 // slow start's draws, in [0,1)
 
-	kick   chan struct{}
-	ctx    context.Context // the run goroutine's
-	cancel context.CancelFunc
-	begin  sync.Once // starts the run goroutine, or (in Stop) makes sure it never starts
-	done   chan struct{}
+	kick    chan struct{}
+	ctx     context.Context // the run goroutine's
+	cancel  context.CancelFunc
+	begin   sync.Once   // starts the run goroutine, or (in Stop) makes sure it never starts
+	running atomic.Bool // set when begin started the run goroutine
+	done    chan struct{}
 
 	mu        sync.Mutex
 	published chan struct{} // closed and replaced on every publish
@@ -176,8 +177,15 @@ func Start(cfg Config, logger *zap.Logger) *Watcher {
 // (or been stopped). A Watcher made by New asks no DNS before Run, or before
 // the first Endpoints call, whichever comes first.
 func (w *Watcher) Run() {
-	w.begin.Do(func() { go w.run(w.ctx) })
+	w.begin.Do(func() {
+		w.running.Store(true)
+		go w.run(w.ctx)
+	})
 }
+
+// Running reports whether Run (or a request, or RefreshNow) started the
+// Watcher: a config that is still loading has Watchers that do not run yet.
+func (w *Watcher) Running() bool { return w.running.Load() }
 
 // New creates a Watcher for cfg (with its defaults filled in) that does
 // nothing until Run.
