@@ -23,8 +23,10 @@ type AddressPolicy struct {
 	Loopback bool
 	// LinkLocal allows 169.254.0.0/16 (cloud metadata lives there) and fe80::/10.
 	LinkLocal bool
-	// CIDRs, if any, are the only ranges endpoints are taken from; an address
-	// in one of them is taken whatever its kind, as it is allowed by name.
+	// CIDRs, if any, are the only ranges endpoints are taken from. A loopback
+	// or link-local address is taken only from a range that lies inside
+	// loopback or link-local (it is allowed by name), not from one that
+	// merely contains it, such as 0.0.0.0/0.
 	CIDRs []netip.Prefix
 }
 
