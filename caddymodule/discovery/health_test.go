@@ -10,6 +10,7 @@ import (
 	"net/http/httptest"
 	"net/netip"
 	"regexp"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -623,5 +624,37 @@ func TestHealthHeaderBound(t *testing.T) {
 	err := p.check(endpointOf(t, srv.Listener.Addr().String()))
 	if err == nil || !strings.Contains(err.Error(), "header") {
 		t.Fatalf("check of an endpoint sending %d bytes of headers = %v, want a header limit error", 2*maxHealthHeader, err)
+	}
+}
+
+// D1, the way the issue measured it: two sets of 1,000 endpoints that accept
+// and never answer, swapped 20 times. The goroutines settle at the workers'
+// cap, not at one per probe ever queued (80,756 before the fix).
+func TestHealthChurnGoroutinesBounded(t *testing.T) {
+	const inFlight = 16
+	base := runtime.NumGoroutine()
+	p := startProber(t, HealthCheck{MaxInFlight: inFlight, Interval: time.Hour})
+	p.run = func(ctx context.Context, e Endpoint) error {
+		<-ctx.Done() // never answers
+		return ctx.Err()
+	}
+	sets := [2][]Endpoint{}
+	for s := range sets {
+		for i := range 1000 {
+			sets[s] = append(sets[s], endpointOf(t, fmt.Sprintf("10.%d.%d.%d:80", s+1, i/250, i%250+1)))
+		}
+	}
+	for i := range 20 {
+		p.discover(sets[i%2]...)
+	}
+	// The AfterFunc goroutines of the last set exit once they have queued
+	// their endpoint; inFlight workers stay, blocked on endpoints that never
+	// answer. (+2: slack for the runtime's own.)
+	goroutinesSettle(t, base+inFlight+2)
+	p.mu.Lock()
+	queued, workers := len(p.ready), p.workers
+	p.mu.Unlock()
+	if queued > 1000 || workers != inFlight {
+		t.Fatalf("%d queued, %d workers; want at most 1000 (the endpoints DNS names) and %d", queued, workers, inFlight)
 	}
 }
