@@ -143,12 +143,11 @@ type Watcher struct {
 	stats  stats
 	coin   func() float64 // slow start's draws, in [0,1)
 
-	kick    chan struct{}
-	ctx     context.Context // the run goroutine's
-	cancel  context.CancelFunc
-	begin   sync.Once   // starts the run goroutine, or (in Stop) makes sure it never starts
-	running atomic.Bool // set when begin started the run goroutine
-	done    chan struct{}
+	kick   chan struct{}
+	ctx    context.Context // the run goroutine's
+	cancel context.CancelFunc
+	begin  sync.Once // starts the run goroutine, or (in Stop) makes sure it never starts
+	done   chan struct{}
 
 	mu        sync.Mutex
 	published chan struct{} // closed and replaced on every publish
@@ -159,6 +158,8 @@ type Watcher struct {
 	warned  warnings      // owned by the run goroutine
 
 	prober *Prober // nil without health checks
+
+	running atomic.Bool // set when begin started the run goroutine
 }
 
 // ErrNotResolved is returned while a Service has never been resolved.
