@@ -169,7 +169,9 @@ func (a adminHeadless) serve(w http.ResponseWriter, r *http.Request) error {
 // request that arrives while one runs waits for it, so a burst of POSTs
 // costs one lookup per watcher and at most refreshWorkers goroutines.
 func (a adminHeadless) refresh(w http.ResponseWriter, r *http.Request, name string) error {
-	entries := selectWatchers(name)
+	// Only the watchers of a running config: those of a config still
+	// loading (which may yet fail) must not start asking DNS.
+	entries := slices.DeleteFunc(selectWatchers(name), func(e selected) bool { return !e.watcher.Running() })
 	if name != "" && len(entries) == 0 {
 		return notFound(name)
 	}

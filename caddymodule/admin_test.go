@@ -679,3 +679,39 @@ func TestAdminRefreshFanOutBounded(t *testing.T) {
 		}
 	}
 }
+
+// D9: POST /headless/refresh during a /load refreshes only the watchers of
+// the running config: those a loading config provisioned (which may yet
+// fail) ask no DNS until their config starts.
+func TestAdminRefreshSkipsPendingWatchers(t *testing.T) {
+	dnsSrv := dnstest.Start(t, frontendZone+backendZone)
+	c := startAdminCaddy(t, []upstream{{service: frontend, resolvers: []string{dnsSrv.Addr}}})
+	// What Provision of a config still loading leaves in the pool: a
+	// Watcher made by New, not yet Run.
+	pendingDNS := dnstest.Start(t, backendZone)
+	svc, err := discovery.ParseService(backend, discovery.Defaults{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := "pending config " + t.Name()
+	val, _, err := watchers.LoadOrNew(key, func() (caddy.Destructor, error) {
+		return discovery.New(discovery.Config{Service: svc, IPv4: true, IPv6: true,
+			Resolver: &discovery.Resolver{Servers: []string{pendingDNS.Addr}}, RefreshMin: time.Hour}, nil), nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { watchers.Delete(key) })
+	pending := val.(*discovery.Watcher)
+
+	all := c.watchers(http.MethodPost, "/headless/refresh")
+	if len(all) != 1 || all[0].Service != "frontend.bbs.svc.cluster.local:8001" {
+		t.Fatalf("POST /headless/refresh: %s; want the running config's watcher only", toJSON(all))
+	}
+	if code, body := c.do(http.MethodPost, "/headless/refresh/"+backend, nil); code != http.StatusNotFound {
+		t.Errorf("POST /headless/refresh/%s of a pending watcher: %d %s, want 404", backend, code, body)
+	}
+	if n := pendingDNS.Queries(); n != 0 || pending.Running() {
+		t.Fatalf("the pending config's watcher asked DNS %d times (running %t)", n, pending.Running())
+	}
+}

@@ -60,8 +60,9 @@ func (h *Headless) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.Errf("headless: one service per source, got extra argument %q (use dynamic multi to combine services)", d.Val())
 	}
+	opts := newOptionParser(h)
 	for d.NextBlock(0) {
-		known, err := h.UnmarshalOption(d)
+		known, err := opts.option(d)
 		if err != nil {
 			return err
 		}
@@ -69,7 +70,73 @@ func (h *Headless) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.Errf("headless: unknown option %q", d.Val())
 		}
 	}
-	return h.checkCaddyfile(d)
+	if _, err := h.config(caddyfileEnv); err != nil {
+		return opts.errAt(d, err)
+	}
+	return nil
+}
+
+// listOptions may be given more than once: their values add up. Every other
+// option may be given once: a second `refresh` silently replacing the first
+// is a mistake waiting to be made.
+var listOptions = map[string]bool{
+	"resolvers": true, "allow_addresses": true, "allow_cidrs": true, "health_headers": true,
+}
+
+// optionParser parses a block of options into one Headless. It refuses a
+// repeated single-value option, and remembers where each option was and
+// whether the configuration was valid right after it, so that a value error
+// found once the block is complete (the rules of config, applied to the
+// whole) points at the option's own line, not at the block's closing brace.
+type optionParser struct {
+	h    *Headless
+	seen map[string]bool
+	at   []optionAt
+}
+
+type optionAt struct {
+	tok caddyfile.Token // the option's name
+	bad bool            // the configuration was invalid right after it
+}
+
+func newOptionParser(h *Headless) *optionParser {
+	return &optionParser{h: h, seen: map[string]bool{}}
+}
+
+// option parses one option at the cursor, as Headless.UnmarshalOption.
+func (p *optionParser) option(d *caddyfile.Dispenser) (bool, error) {
+	opt, tok := d.Val(), d.Token()
+	if p.seen[opt] && !listOptions[opt] {
+		return true, d.Errf("headless: %s is given twice: give it once (only resolvers, allow_addresses, allow_cidrs and health_headers add up)", opt)
+	}
+	known, err := p.h.UnmarshalOption(d)
+	if !known || err != nil {
+		return known, err
+	}
+	p.seen[opt] = true
+	check := *p.h
+	if check.Service == "" { // headless_proxy names its services apart
+		check.Service = "placeholder:1"
+	}
+	_, cerr := check.config(caddyfileEnv)
+	p.at = append(p.at, optionAt{tok: tok, bad: cerr != nil})
+	return true, nil
+}
+
+// errAt reports err, found when the block was complete, at the option after
+// which the configuration stayed invalid; at d if there is none (the error
+// is not about an option's value).
+func (p *optionParser) errAt(d *caddyfile.Dispenser, err error) error {
+	k := len(p.at)
+	for k > 0 && p.at[k-1].bad {
+		k--
+	}
+	if k == len(p.at) {
+		return d.WrapErr(err)
+	}
+	at := caddyfile.NewDispenser([]caddyfile.Token{p.at[k].tok})
+	at.Next()
+	return at.WrapErr(err)
 }
 
 // caddyfileEnv stands in for the pod's environment when a Caddyfile is
@@ -77,16 +144,6 @@ func (h *Headless) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 var caddyfileEnv = discovery.Detected{
 	Defaults:  discovery.Defaults{Namespace: "default", ClusterDomain: "cluster.local"},
 	Resolvers: []string{"127.0.0.1:53"},
-}
-
-// checkCaddyfile applies the rules of the fields (Provision's own check,
-// config) to what the Caddyfile set, so that an error points at its file
-// and line. The parsers check syntax only.
-func (h *Headless) checkCaddyfile(d *caddyfile.Dispenser) error {
-	if _, err := h.config(caddyfileEnv); err != nil {
-		return d.Errf("%v", err)
-	}
-	return nil
 }
 
 // setService takes the current token as the service reference.
@@ -108,19 +165,25 @@ func (h *Headless) setService(d *caddyfile.Dispenser) error {
 func (h *Headless) UnmarshalOption(d *caddyfile.Dispenser) (bool, error) {
 	var err error
 	switch d.Val() {
+	// The list options add up when repeated.
 	case "resolvers":
-		h.Resolvers = d.RemainingArgs()
-		if len(h.Resolvers) == 0 {
+		args := d.RemainingArgs()
+		if len(args) == 0 {
 			return true, d.Errf("headless: resolvers takes one or more <host[:port]>")
 		}
+		h.Resolvers = append(h.Resolvers, args...)
 	case "allow_addresses":
-		if h.AllowAddresses = d.RemainingArgs(); len(h.AllowAddresses) == 0 {
+		args := d.RemainingArgs()
+		if len(args) == 0 {
 			return true, d.Errf("headless: allow_addresses takes loopback, link_local or both")
 		}
+		h.AllowAddresses = append(h.AllowAddresses, args...)
 	case "allow_cidrs":
-		if h.AllowCIDRs = d.RemainingArgs(); len(h.AllowCIDRs) == 0 {
+		args := d.RemainingArgs()
+		if len(args) == 0 {
 			return true, d.Errf("headless: allow_cidrs takes one or more CIDRs, e.g. 10.0.0.0/8")
 		}
+		h.AllowCIDRs = append(h.AllowCIDRs, args...)
 	case "namespace":
 		if !d.AllArgs(&h.Namespace) {
 			return true, d.ArgErr()
@@ -142,6 +205,9 @@ func (h *Headless) UnmarshalOption(d *caddyfile.Dispenser) (bool, error) {
 		if len(args) == 2 {
 			if hi, err = parseDuration(d, "refresh", args[1]); err != nil {
 				return true, err
+			}
+			if hi == 0 {
+				return true, d.Errf("headless: refresh <max> must be positive; leave it out for max = min")
 			}
 		}
 		if lo == 0 {

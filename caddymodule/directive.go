@@ -81,6 +81,7 @@ func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, er
 
 	// Take the headless options out of the block, leaving reverse_proxy's.
 	var opts Headless
+	parser := newOptionParser(&opts)
 	for d.NextBlock(0) {
 		// Only the first token of a line directly inside the block names an
 		// option; nested blocks (transport, handle_response, …) and their
@@ -98,7 +99,7 @@ func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, er
 		seg := d.NextSegment()
 		sub := caddyfile.NewDispenser(seg)
 		sub.Next()
-		known, err := opts.UnmarshalOption(sub)
+		known, err := parser.option(sub)
 		if err != nil {
 			return nil, err
 		}
@@ -130,7 +131,7 @@ func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, er
 		src.Service = ref
 		cfg, err := src.config(caddyfileEnv)
 		if err != nil {
-			return nil, d.Errf("headless_proxy: %v", err)
+			return nil, parser.errAt(d, fmt.Errorf("headless_proxy: %v", err))
 		}
 		q := cfg.Service.String()
 		if seen[q] {

@@ -2,9 +2,11 @@ package caddymodule
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 
@@ -213,4 +215,96 @@ func walkJSON(v any, fn func(map[string]any)) {
 			walkJSON(c, fn)
 		}
 	}
+}
+
+// fuzzOptionLines are the option lines FuzzRepeatedOptions picks from: list
+// options, single-value options (good and bad values), flags, a block.
+var fuzzOptionLines = []string{
+	"resolvers 127.0.0.1:53",
+	"resolvers [::1]:53 127.0.0.2",
+	"allow_addresses loopback",
+	"allow_addresses link_local",
+	"allow_cidrs 10.0.0.0/8",
+	"allow_cidrs fd00::/8 192.168.0.0/16",
+	"health_headers {\n\t\tX-A 1\n\t}",
+	"refresh 1s",
+	"refresh 1s 30s",
+	"refresh 1ns",
+	"refresh 1s 0",
+	"stale 5m",
+	"dial_timeout 1ns",
+	"dial_timeout 2s",
+	"namespace bbs",
+	"namespace other",
+	"versions ipv4",
+	"versions ipv6",
+	"candidates 3",
+	"edns_buffer_size 511",
+	"health_uri /healthz",
+	"health_interval 1ns",
+	"health_interval 5s",
+	"health_fail_fast",
+	"health_tls",
+	"slow_start 10s",
+}
+
+// FuzzRepeatedOptions parses `dynamic headless` blocks made of the lines
+// above, in any order and any number of times. A single-value option given
+// twice is refused; list options add up, in order; an error points at an
+// option's line, never at the block's closing brace.
+func FuzzRepeatedOptions(f *testing.F) {
+	f.Add([]byte{0, 1, 2, 3, 4, 5, 6, 6})
+	f.Add([]byte{7, 0, 7})
+	f.Add([]byte{25, 20})
+	f.Add([]byte{0, 9, 11, 20, 21})
+	f.Add([]byte{2, 3, 2, 14, 15})
+	f.Fuzz(func(t *testing.T, picks []byte) {
+		if len(picks) > 12 {
+			picks = picks[:12]
+		}
+		var b strings.Builder
+		b.WriteString("headless x:80 {\n")
+		var lists = map[string][]string{}
+		names := map[string]int{}
+		repeated := false
+		for _, p := range picks {
+			line := fuzzOptionLines[int(p)%len(fuzzOptionLines)]
+			b.WriteString("\t" + line + "\n")
+			name, args, _ := strings.Cut(line, " ")
+			names[name]++
+			if listOptions[name] {
+				if name != "health_headers" {
+					lists[name] = append(lists[name], strings.Fields(args)...)
+				}
+			} else if names[name] > 1 {
+				repeated = true
+			}
+		}
+		b.WriteString("}")
+		input := b.String()
+		closing := strings.Count(input, "\n") + 1
+		tokens, err := caddyfile.Tokenize([]byte(input), "Caddyfile")
+		if err != nil {
+			t.Fatal(err)
+		}
+		h := new(Headless)
+		err = h.UnmarshalCaddyfile(caddyfile.NewDispenser(tokens))
+		if repeated && err == nil {
+			t.Fatalf("a single-value option given twice was accepted:\n%s", input)
+		}
+		if err != nil {
+			if !strings.Contains(err.Error(), ", at Caddyfile:") || strings.HasSuffix(err.Error(), fmt.Sprintf("at Caddyfile:%d", closing)) {
+				t.Fatalf("error does not point at an option's line: %v\n%s", err, input)
+			}
+			return
+		}
+		for name, got := range map[string][]string{"resolvers": h.Resolvers, "allow_addresses": h.AllowAddresses, "allow_cidrs": h.AllowCIDRs} {
+			if !slices.Equal(got, lists[name]) {
+				t.Fatalf("%s = %q, want every value in order %q:\n%s", name, got, lists[name], input)
+			}
+		}
+		if _, err := h.config(caddyfileEnv); err != nil {
+			t.Fatalf("accepted a block that provisioning refuses: %v\n%s", err, input)
+		}
+	})
 }

@@ -111,8 +111,10 @@ type Headless struct {
 	AllowAddresses []string `json:"allow_addresses,omitempty"`
 
 	// If set, endpoints are taken only from these ranges (CIDR notation,
-	// e.g. `10.0.0.0/8`); an address in one of them is taken even if loopback
-	// or link-local. For a careful user of a resolver outside the cluster.
+	// e.g. `10.0.0.0/8`). A loopback or link-local address is taken only from
+	// a range inside loopback or link-local (`127.0.0.0/8`), not from one that
+	// merely contains it (`0.0.0.0/0`). For a careful user of a resolver
+	// outside the cluster.
 	// Default: any address but those refused above.
 	AllowCIDRs []string `json:"allow_cidrs,omitempty"`
 

@@ -37,6 +37,8 @@ type HealthChecks struct {
 	Method string `json:"method,omitempty"`
 
 	// Headers sent with the probe; a Host header sets the request's Host.
+	// They go to every endpoint DNS names: keep secrets out of them, or
+	// restrict the endpoints with allow_cidrs.
 	Headers http.Header `json:"headers,omitempty"`
 
 	// How often each endpoint is probed. Default: 30s

@@ -38,7 +38,7 @@ var (
 		"UDP replies that came back truncated, each asked again over TCP (TCP fallbacks).",
 		[]string{"service"}, nil)
 	descDropped = prometheus.NewDesc("caddy_headless_dropped_records_total",
-		"Records ignored, by reason: bound (an answer exceeded a bound: records per answer, SRV targets looked up) or address (an endpoint address that allow_addresses/allow_cidrs do not allow, such as loopback or link-local).",
+		"Records ignored, by reason: bound (an answer exceeded a bound: records per answer, SRV targets looked up) or address (an endpoint address that is refused: loopback or link-local unless allowed, outside allow_cidrs, or never usable such as port 0, 0.0.0.0/8, ::, multicast, 240.0.0.0/4 and IPv4-mapped IPv6).",
 		[]string{"service", "reason"}, nil)
 	descDuration = prometheus.NewDesc("caddy_headless_lookup_duration_seconds",
 		"How long one lookup of a headless Service took, failover and TCP fallback included.",

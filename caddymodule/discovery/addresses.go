@@ -2,8 +2,10 @@ package discovery
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
+	"strconv"
 	"strings"
 )
 
@@ -21,17 +23,43 @@ type AddressPolicy struct {
 	Loopback bool
 	// LinkLocal allows 169.254.0.0/16 (cloud metadata lives there) and fe80::/10.
 	LinkLocal bool
-	// CIDRs, if any, are the only ranges endpoints are taken from; an address
-	// in one of them is taken whatever its kind, as it is allowed by name.
+	// CIDRs, if any, are the only ranges endpoints are taken from. A loopback
+	// or link-local address is taken only from a range that lies inside
+	// loopback or link-local (it is allowed by name), not from one that
+	// merely contains it, such as 0.0.0.0/0.
 	CIDRs []netip.Prefix
 }
 
-// The reasons an AddressPolicy refuses an address, as logs and metrics name them.
+// The reasons an address is refused, as logs and metrics name them. The
+// first five hold whatever the AddressPolicy: nothing can be dialed there.
 const (
-	RefusedLoopback  = "loopback"
-	RefusedLinkLocal = "link_local"
-	RefusedOutside   = "outside_allow_cidrs"
+	RefusedPort0       = "port_0"      // an SRV record with port 0
+	RefusedUnspecified = "unspecified" // 0.0.0.0/8 ("this network") and ::
+	RefusedMulticast   = "multicast"
+	RefusedReserved    = "reserved"    // 240.0.0.0/4, with the broadcast address 255.255.255.255
+	RefusedIPv4Mapped  = "ipv4_mapped" // ::ffff:0:0/96 in AAAA: not an IPv6 endpoint, and a way around the IPv4 rules
+	RefusedLoopback    = "loopback"
+	RefusedLinkLocal   = "link_local"
+	RefusedOutside     = "outside_allow_cidrs"
 )
+
+// unusable returns why e can never be an endpoint, or "" if it can.
+func unusable(e Endpoint) string {
+	ip := e.IP
+	switch {
+	case e.Port == 0:
+		return RefusedPort0
+	case ip.Is4In6():
+		return RefusedIPv4Mapped
+	case ip.IsUnspecified() || ip.Is4() && ip.As4()[0] == 0:
+		return RefusedUnspecified
+	case ip.IsMulticast():
+		return RefusedMulticast
+	case ip.Is4() && ip.As4()[0] >= 240:
+		return RefusedReserved
+	}
+	return ""
+}
 
 // RefusedEndpoint is an endpoint DNS named that the policy did not allow.
 type RefusedEndpoint struct {
@@ -49,63 +77,101 @@ func (r RefusedEndpoint) String() string {
 // maxRefusedListed bounds the refused endpoints a Result lists for the log.
 const maxRefusedListed = 20
 
+// Loopback and link-local ranges: a range of allow_cidrs allows such an
+// address only if it lies inside one of these (say 127.0.0.0/8 or
+// 169.254.169.254/32). 0.0.0.0/0 merely contains them: it means "anywhere"
+// and must not open the admin port or cloud metadata by accident.
+var (
+	loopbackRanges  = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")}
+	linkLocalRanges = []netip.Prefix{netip.MustParsePrefix("169.254.0.0/16"), netip.MustParsePrefix("fe80::/10")}
+)
+
 // refuses returns why p does not allow ip, or "" if it does.
 func (p AddressPolicy) refuses(ip netip.Addr) string {
 	ip = ip.Unmap()
-	if len(p.CIDRs) > 0 {
-		if slices.ContainsFunc(p.CIDRs, func(c netip.Prefix) bool { return c.Contains(ip) }) {
+	kind, ranges := "", []netip.Prefix(nil)
+	switch {
+	case ip.IsLoopback():
+		if p.Loopback {
 			return ""
 		}
-		if !(p.Loopback && ip.IsLoopback() || p.LinkLocal && ip.IsLinkLocalUnicast()) {
-			return RefusedOutside
+		kind, ranges = RefusedLoopback, loopbackRanges
+	case ip.IsLinkLocalUnicast():
+		if p.LinkLocal {
+			return ""
 		}
-		return ""
+		kind, ranges = RefusedLinkLocal, linkLocalRanges
 	}
-	switch {
-	case ip.IsLoopback() && !p.Loopback:
-		return RefusedLoopback
-	case ip.IsLinkLocalUnicast() && !p.LinkLocal:
-		return RefusedLinkLocal
+	if len(p.CIDRs) == 0 {
+		return kind
 	}
-	return ""
+	contained := false
+	for _, c := range p.CIDRs {
+		if !c.Contains(ip) {
+			continue
+		}
+		if kind == "" || slices.ContainsFunc(ranges, func(r netip.Prefix) bool { return c.Bits() >= r.Bits() && r.Contains(c.Addr()) }) {
+			return ""
+		}
+		contained = true
+	}
+	if contained {
+		return kind
+	}
+	return RefusedOutside
 }
 
-// apply removes from res the endpoints p refuses, listing them in
-// res.Refused. When it refuses every endpoint of an answer that had some, the
-// answer is not "no ready endpoints" but one that must not be followed: the
-// error (bad_answer) keeps the last good set.
-func (p AddressPolicy) apply(svc Service, res *Result) error {
-	kept := res.Endpoints[:0:0]
-	for _, e := range res.Endpoints {
-		why := p.refuses(e.IP)
+// admit returns the endpoints of eps that can be dialed and that p allows
+// (p nil: every usable one), listing the others in res.Refused. It runs
+// before the cut to MaxEndpoints.
+func (res *Result) admit(svc Service, eps []Endpoint, p *AddressPolicy) []Endpoint {
+	kept := eps[:0]
+	for _, e := range eps {
+		why := unusable(e)
+		if why == "" && p != nil {
+			why = p.refuses(e.IP)
+		}
 		if why == "" {
 			kept = append(kept, e)
 			continue
 		}
-		res.RefusedCount++
-		if len(res.Refused) < maxRefusedListed {
-			name := e.Target
-			if name == "" {
-				name = svc.FQDN
-			}
-			res.Refused = append(res.Refused, RefusedEndpoint{Endpoint: e, Name: name, Reason: why})
+		res.refuse(svc, e, why)
+	}
+	return kept
+}
+
+// refuse counts one refused endpoint and lists the first maxRefusedListed.
+func (res *Result) refuse(svc Service, e Endpoint, why string) {
+	res.RefusedCount++
+	if len(res.Refused) >= maxRefusedListed {
+		return
+	}
+	name := e.Target
+	if name == "" {
+		name = svc.FQDN
+	}
+	if e.Dial == "" {
+		host := "(any address)"
+		if e.IP.IsValid() {
+			host = e.IP.String()
 		}
+		e.Dial = net.JoinHostPort(host, strconv.Itoa(int(e.Port)))
 	}
-	if res.RefusedCount == 0 {
-		return nil
-	}
-	res.Endpoints = slices.Clip(kept)
-	if len(kept) > 0 {
-		return nil
-	}
-	return &LookupError{Name: svc.QName(), Type: svc.qtype(), Server: res.Server, Outcome: OutcomeBadAnswer,
-		Err: fmt.Errorf("every address in the answer is refused (%s): %s", res.Refused[0], p.hint())}
+	res.Refused = append(res.Refused, RefusedEndpoint{Endpoint: e, Name: name, Reason: why})
 }
 
 // hint says how to allow what was refused, for errors and logs.
-func (p AddressPolicy) hint() string {
+func (p AddressPolicy) hint() string { return hintFor("") }
+
+// hintFor says why an address refused for reason is, and how to allow it if it can be.
+func hintFor(reason string) string {
+	switch reason {
+	case RefusedPort0, RefusedUnspecified, RefusedMulticast, RefusedReserved, RefusedIPv4Mapped:
+		return "port 0, 0.0.0.0/8, ::, multicast, 240.0.0.0/4 (with broadcast) and IPv4-mapped IPv6 addresses are never endpoints; fix the records"
+	}
 	return "DNS may not point requests at loopback or link-local addresses, nor outside allow_cidrs; " +
-		"if these endpoints are meant, allow them (allow_addresses loopback link_local, or allow_cidrs)"
+		"if these endpoints are meant, allow them (allow_addresses loopback link_local, or allow_cidrs with a range inside 127.0.0.0/8 or 169.254.0.0/16: " +
+		"a wider one such as 0.0.0.0/0 does not allow them)"
 }
 
 // key describes p for Config.Key.

@@ -18,6 +18,7 @@ import (
 
 func TestAddressPolicy(t *testing.T) {
 	cidrs := []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("fd00::/8")}
+	everywhere := []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")}
 	for _, tc := range []struct {
 		policy AddressPolicy
 		ip     string
@@ -41,6 +42,19 @@ func TestAddressPolicy(t *testing.T) {
 		{AddressPolicy{CIDRs: cidrs}, "127.0.0.1", RefusedOutside},
 		{AddressPolicy{CIDRs: cidrs, Loopback: true}, "127.0.0.1", ""},
 		{AddressPolicy{CIDRs: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}, "127.0.0.5", ""}, // named explicitly
+		// D4: a range that merely contains loopback or link-local does not allow them.
+		{AddressPolicy{CIDRs: everywhere}, "10.1.0.2", ""},
+		{AddressPolicy{CIDRs: everywhere}, "fd00::1", ""},
+		{AddressPolicy{CIDRs: everywhere}, "127.0.0.1", RefusedLoopback},
+		{AddressPolicy{CIDRs: everywhere}, "::1", RefusedLoopback},
+		{AddressPolicy{CIDRs: everywhere}, "169.254.169.254", RefusedLinkLocal},
+		{AddressPolicy{CIDRs: everywhere}, "fe80::1", RefusedLinkLocal},
+		{AddressPolicy{CIDRs: []netip.Prefix{netip.MustParsePrefix("120.0.0.0/5")}}, "127.0.0.1", RefusedLoopback},
+		{AddressPolicy{CIDRs: everywhere, Loopback: true}, "127.0.0.1", ""},
+		{AddressPolicy{CIDRs: everywhere, LinkLocal: true}, "fe80::1", ""},
+		{AddressPolicy{CIDRs: []netip.Prefix{netip.MustParsePrefix("169.254.169.254/32")}}, "169.254.169.254", ""},
+		{AddressPolicy{CIDRs: []netip.Prefix{netip.MustParsePrefix("fe80::/10")}}, "fe80::1", ""},
+		{AddressPolicy{CIDRs: []netip.Prefix{netip.MustParsePrefix("::1/128")}}, "::1", ""},
 	} {
 		if got := tc.policy.refuses(netip.MustParseAddr(tc.ip)); got != tc.want {
 			t.Errorf("%+v refuses %s: %q, want %q", tc.policy, tc.ip, got, tc.want)
@@ -161,5 +175,99 @@ func TestWatcherWarningsRateLimited(t *testing.T) {
 	w.next(prev, Result{}, err, start.Add(62*time.Second), 5001, 602)
 	if n := taken("DNS refresh failed"); n != 1 {
 		t.Errorf("%d warnings for the same failure from another server, want 1", n)
+	}
+}
+
+// D7, D12: addresses that can never be endpoints, whatever the policy.
+func TestUnusableAddresses(t *testing.T) {
+	for _, tc := range []struct {
+		ip   string
+		port uint16
+		want string
+	}{
+		{"10.1.0.2", 80, ""},
+		{"fd00::1", 80, ""},
+		{"10.1.0.2", 0, RefusedPort0},
+		{"0.0.0.0", 80, RefusedUnspecified},
+		{"0.1.2.3", 80, RefusedUnspecified},
+		{"::", 80, RefusedUnspecified},
+		{"224.0.0.1", 80, RefusedMulticast},
+		{"ff02::1", 80, RefusedMulticast},
+		{"240.0.0.1", 80, RefusedReserved},
+		{"255.255.255.255", 80, RefusedReserved},
+		{"::ffff:127.0.0.9", 80, RefusedIPv4Mapped},
+		{"::ffff:10.1.0.2", 80, RefusedIPv4Mapped},
+		{"223.255.255.255", 80, ""},
+	} {
+		if got := unusable(Endpoint{IP: netip.MustParseAddr(tc.ip), Port: tc.port}); got != tc.want {
+			t.Errorf("unusable(%s port %d) = %q, want %q", tc.ip, tc.port, got, tc.want)
+		}
+	}
+}
+
+// D7: an answer of only unusable addresses is a bad answer that says why
+// (not "records only for other names", not NODATA), each refused record is
+// counted in Stats.Refused (dropped_records_total{reason="address"}), and
+// one warning names them.
+func TestWatcherRefusesUnusableAddresses(t *testing.T) {
+	srv := dnstest.Start(t, `
+		mapped.example. 5 IN AAAA ::ffff:127.0.0.9
+		unspec6.example. 5 IN AAAA ::
+		mcast.example. 5 IN AAAA ff02::1
+		zero.example. 5 IN A 0.0.0.0
+		zeronet.example. 5 IN A 0.1.2.3
+		bcast.example. 5 IN A 255.255.255.255
+		class-e.example. 5 IN A 240.0.0.1
+		_http._tcp.port0.example. 5 IN SRV 0 100 0 t.port0.example.
+		t.port0.example. 5 IN A 10.9.0.1
+		_http._tcp.port0bare.example. 5 IN SRV 0 100 0 nowhere.example.
+		_http._tcp.mappedglue.example. 5 IN SRV 0 100 8080 t.mappedglue.example.
+		t.mappedglue.example. 5 IN AAAA ::ffff:10.9.0.1
+	`)
+	for _, tc := range []struct{ ref, reason string }{
+		{"mapped.example.:80", RefusedIPv4Mapped},
+		{"unspec6.example.:80", RefusedUnspecified},
+		{"mcast.example.:80", RefusedMulticast},
+		{"zero.example.:80", RefusedUnspecified},
+		{"zeronet.example.:80", RefusedUnspecified},
+		{"bcast.example.:80", RefusedReserved},
+		{"class-e.example.:80", RefusedReserved},
+		{"port0.example.:http", RefusedPort0},
+		{"port0bare.example.:http", RefusedPort0},
+		{"mappedglue.example.:http", RefusedIPv4Mapped},
+	} {
+		w, logs := startWatcher(t, srv, tc.ref, func(c *Config) { c.Resolver.Timeout = 10 * time.Second })
+		s := refreshNow(t, w)
+		if len(s.Endpoints) != 0 || s.Outcome != OutcomeBadAnswer || s.Err == nil || !strings.Contains(s.Err.Error(), "("+tc.reason+")") {
+			t.Errorf("%s: [%s] %s %v; want bad_answer naming %s", tc.ref, dials(s.Endpoints), s.Outcome, s.Err, tc.reason)
+			continue
+		}
+		if st := w.Status().Stats; st.Refused == 0 || st.Refused < st.LookupCount() {
+			t.Errorf("%s: Stats.Refused %d after %d lookups, want one a lookup at least", tc.ref, st.Refused, st.LookupCount())
+		}
+		if warns := logs.FilterMessageSnippet("not allowed").All(); len(warns) != 1 || !strings.Contains(fmt.Sprint(warns[0].ContextMap()["refused"]), tc.reason) {
+			t.Errorf("%s: warnings %v; want one naming %s", tc.ref, observedMessages(logs), tc.reason)
+		}
+	}
+}
+
+// D11: the address policy runs before the cut to MaxEndpoints: 4,000 loopback
+// A records must not crowd out 200 good AAAA ones.
+func TestWatcherPolicyBeforeCap(t *testing.T) {
+	var zone strings.Builder
+	for i := range 4000 {
+		fmt.Fprintf(&zone, "big.example. 5 IN A 127.0.%d.%d\n", i/250, i%250+1)
+	}
+	for i := range 200 {
+		fmt.Fprintf(&zone, "big.example. 5 IN AAAA fd00::%x\n", i+1)
+	}
+	srv := dnstest.Start(t, zone.String())
+	w, _ := startWatcher(t, srv, "big.example.:80", func(c *Config) { c.Resolver.Timeout = 10 * time.Second })
+	s := refreshNow(t, w)
+	if len(s.Endpoints) != 200 || s.Err != nil {
+		t.Fatalf("%d endpoints (%v); want the 200 good AAAA ones", len(s.Endpoints), s.Err)
+	}
+	if st := w.Status().Stats; st.Refused < 4000 {
+		t.Errorf("Stats.Refused %d, want 4000 a lookup", st.Refused)
 	}
 }

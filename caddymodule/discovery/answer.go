@@ -62,6 +62,9 @@ type Result struct {
 	// (at most maxRefusedListed of them; RefusedCount counts all).
 	Refused      []RefusedEndpoint
 	RefusedCount int
+	// Partial is set when one family's question (A or AAAA) failed and the
+	// other's gave addresses: Endpoints are of the family that answered.
+	Partial error
 
 	// malformed says why an answer without usable records was not taken as
 	// NODATA (a CNAME chain past MaxCNAMEs, a loop, records for other names
@@ -73,7 +76,22 @@ type Result struct {
 // configured port, or the SRV records of the named port with their targets'
 // addresses. A non-nil error is transient (timeout, SERVFAIL, REFUSED, network,
 // malformed): the caller should keep what it had.
+//
+// Addresses that can never be an endpoint (see unusable) are dropped and
+// listed in Result.Refused; Lookup applies no AddressPolicy beyond that.
 func (r *Resolver) Lookup(ctx context.Context, svc Service, v4, v6 bool) (Result, error) {
+	return r.lookup(ctx, svc, v4, v6, nil)
+}
+
+// LookupAllowed is Lookup that also drops the endpoints p refuses, before
+// MaxEndpoints cuts the set: refused records must not crowd out good ones.
+// An answer whose every endpoint is refused is a bad_answer error, not "no
+// ready endpoints": it must not empty a good set.
+func (r *Resolver) LookupAllowed(ctx context.Context, svc Service, v4, v6 bool, p AddressPolicy) (Result, error) {
+	return r.lookup(ctx, svc, v4, v6, &p)
+}
+
+func (r *Resolver) lookup(ctx context.Context, svc Service, v4, v6 bool, policy *AddressPolicy) (Result, error) {
 	var types []uint16
 	if v4 {
 		types = append(types, dns.TypeA)
@@ -88,10 +106,21 @@ func (r *Resolver) Lookup(ctx context.Context, svc Service, v4, v6 bool) (Result
 			reply, err := r.Exchange(ctx, svc.FQDN, t)
 			res.account(reply, err)
 			if err != nil {
-				return res, err
+				// One family failing (a server that REFUSEs AAAA, drops it or
+				// answers it slowly) must not throw away the other's answer.
+				if len(types) == 1 || res.Partial != nil || ctx.Err() != nil {
+					return res, err
+				}
+				res.Partial = err
+				continue
 			}
 			got, _ := endpointsFromReply(reply.Msg, svc, t, types, &res)
 			eps = append(eps, got...)
+		}
+		if res.Partial != nil && len(eps) == 0 {
+			// The family that answered has nothing: that is no answer while
+			// the other failed.
+			return res, res.Partial
 		}
 	} else {
 		var err error
@@ -99,7 +128,12 @@ func (r *Resolver) Lookup(ctx context.Context, svc Service, v4, v6 bool) (Result
 			return res, err
 		}
 	}
-	res.Endpoints = finish(eps, &res.Dropped)
+	res.Endpoints = finish(res.admit(svc, eps, policy), &res.Dropped)
+	if len(res.Endpoints) == 0 && res.RefusedCount > 0 {
+		// Only refused addresses: not "no ready endpoints" either.
+		return res, &LookupError{Name: svc.QName(), Type: svc.qtype(), Server: res.Server, Outcome: OutcomeBadAnswer,
+			Err: fmt.Errorf("every address in the answer is refused (%s): %s", res.Refused[0], hintFor(res.Refused[0].Reason))}
+	}
 	if len(res.Endpoints) == 0 && res.malformed != nil {
 		// Not "no ready endpoints": the answer is broken, keep the last good set.
 		return res, &LookupError{Name: svc.QName(), Type: svc.qtype(), Server: res.Server, Outcome: OutcomeBadAnswer, Err: res.malformed}
@@ -216,6 +250,10 @@ func endpointsFromReply(m *dns.Msg, svc Service, qtype uint16, types []uint16, r
 		target := strings.ToLower(srv.Target)
 		ips, ok := glue[target]
 		if !ok {
+			if srv.Port == 0 { // nothing to dial whatever its addresses: do not look them up
+				res.refuse(svc, Endpoint{Target: target}, RefusedPort0)
+				continue
+			}
 			bare = append(bare, srv)
 			continue
 		}
@@ -281,8 +319,9 @@ func (res *Result) noteMalformed(m *dns.Msg, name string, qtype uint16, o Outcom
 		res.malformed = err
 		return
 	}
+	own := owners(m, name)
 	for _, rr := range m.Answer {
-		if rr.Header().Rrtype == qtype {
+		if rr.Header().Rrtype == qtype && !own[strings.ToLower(rr.Header().Name)] {
 			res.malformed = fmt.Errorf("the answer holds %s records only for other names (such as %s), none for %s",
 				dns.TypeToString[qtype], strings.TrimSuffix(rr.Header().Name, "."), strings.TrimSuffix(name, "."))
 			return
@@ -341,7 +380,7 @@ func addresses(m *dns.Msg, name string, qtype uint16, dropped *int) ([]netip.Add
 		if !ok {
 			continue
 		}
-		if len(ips) >= MaxEndpoints {
+		if len(ips) >= maxCandidates {
 			*dropped++
 			continue
 		}
@@ -364,7 +403,7 @@ func srvRecords(m *dns.Msg, qname string, dropped *int) ([]*dns.SRV, time.Durati
 	var ttl time.Duration
 	for _, rr := range m.Answer {
 		srv, ok := rr.(*dns.SRV)
-		if !ok || !own[strings.ToLower(srv.Hdr.Name)] || srv.Port == 0 || srv.Target == "." {
+		if !ok || !own[strings.ToLower(srv.Hdr.Name)] || srv.Target == "." {
 			continue
 		}
 		if len(srvs) >= MaxEndpoints {
@@ -394,7 +433,7 @@ func glueAddresses(m *dns.Msg, srvs []*dns.SRV, types []uint16) map[string][]net
 		if !targets[name] || !slices.Contains(types, h.Rrtype) {
 			continue
 		}
-		if ip, ok := rrAddr(rr); ok && len(glue[name]) < MaxEndpoints {
+		if ip, ok := rrAddr(rr); ok && len(glue[name]) < maxCandidates {
 			glue[name] = append(glue[name], ip)
 		}
 	}
@@ -412,22 +451,18 @@ func glueAddresses(m *dns.Msg, srvs []*dns.SRV, types []uint16) map[string][]net
 	return glue
 }
 
+// rrAddr is the address of an A or AAAA record, whatever it is: unusable
+// ones are refused (and counted) with the others, by Result.admit.
 func rrAddr(rr dns.RR) (netip.Addr, bool) {
 	var ip net.IP
 	switch rr := rr.(type) {
 	case *dns.A:
 		ip = rr.A.To4()
 	case *dns.AAAA:
-		ip = rr.AAAA.To16()
-		if ip.To4() != nil { // an IPv4-mapped address in AAAA is not an IPv6 endpoint
-			return netip.Addr{}, false
-		}
+		ip = rr.AAAA.To16() // an IPv4-mapped address stays IPv6, to be refused
 	}
 	a, ok := netip.AddrFromSlice(ip)
-	if !ok || !a.IsValid() || a.IsUnspecified() || a.IsMulticast() {
-		return netip.Addr{}, false
-	}
-	return a, true
+	return a, ok && a.IsValid()
 }
 
 func ttlOf(h *dns.RR_Header) time.Duration { return ttlDuration(h.Ttl) }

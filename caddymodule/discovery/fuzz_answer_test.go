@@ -167,7 +167,7 @@ func fuzzAnswerSeeds(tb testing.TB) [][]byte {
 }
 
 // FuzzAnswer feeds arbitrary DNS messages through the code Lookup uses to turn
-// a reply into endpoints (endpointsFromReply, then finish). Whatever comes in,
+// a reply into endpoints (endpointsFromReply, admit, then finish). Whatever comes in,
 // the endpoints must be sorted, unique, bounded, and made only of addresses
 // that the message gives for the name asked (or its CNAMEs, or the SRV
 // targets), with the right port.
@@ -183,7 +183,7 @@ func FuzzAnswer(f *testing.F) {
 		svc, qtype, types := fuzzQuestion(m, mode)
 		res := Result{Outcome: OutcomeNXDomain}
 		eps, bare := endpointsFromReply(m, svc, qtype, types, &res)
-		got := finish(slices.Clone(eps), &res.Dropped)
+		got := finish(res.admit(svc, slices.Clone(eps), nil), &res.Dropped)
 		checkEndpoints(t, m, svc, qtype, types, got, bare, res)
 
 		// The set does not depend on the order of the records (CoreDNS's
@@ -197,7 +197,7 @@ func FuzzAnswer(f *testing.F) {
 		slices.Reverse(r.Extra)
 		rres := Result{Outcome: OutcomeNXDomain}
 		reps, rbare := endpointsFromReply(r, svc, qtype, types, &rres)
-		rgot := finish(reps, &rres.Dropped)
+		rgot := finish(rres.admit(svc, reps, nil), &rres.Dropped)
 		if rres.Dropped == 0 && (!slices.EqualFunc(got, rgot, sameDial) || len(bare) != len(rbare) || res.Outcome != rres.Outcome || res.TTL != rres.TTL) {
 			t.Fatalf("record order changed the result:\n%v %s %s bare=%d\n%v %s %s bare=%d",
 				dialsOf(got), res.Outcome, res.TTL, len(bare), dialsOf(rgot), rres.Outcome, rres.TTL, len(rbare))

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/url"
 	"regexp"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -103,6 +104,9 @@ const (
 	DefaultHealthTimeout     = 5 * time.Second
 	DefaultHealthMaxInFlight = 16
 	maxHealthBody            = 64 << 10
+	// maxHealthHeader bounds a probe response's headers: Go's default is
+	// 10 MiB, and an endpoint DNS names may send that much to every probe.
+	maxHealthHeader = 32 << 10
 )
 
 // withDefaults fills the zero fields.
@@ -191,7 +195,6 @@ type Prober struct {
 	logger *atomic.Pointer[zap.Logger]
 	client *http.Client
 	dialer net.Dialer
-	slots  chan struct{}
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -206,6 +209,15 @@ type Prober struct {
 	panic   bool
 	stopped bool
 	started bool // seen a snapshot: endpoints discovered later ramp up
+	// ready are the endpoints due for a probe, oldest first, each at most
+	// once and each still discovered: update removes those that left DNS, so
+	// the queue never holds more than the current endpoints whatever DNS
+	// does. workers (at most cfg.MaxInFlight) take from it.
+	ready   []*probeState
+	workers int
+
+	// run checks one endpoint: check, or a test's stand-in.
+	run func(context.Context, Endpoint) error
 
 	stats   *stats           // the Watcher's; nil in tests of the Prober alone
 	observe func(CheckEvent) // tests: called after every probe, under mu
@@ -215,8 +227,12 @@ type Prober struct {
 // presence: a probe finishing for a removed (or re-added) endpoint is ignored.
 type probeState struct {
 	EndpointHealth
-	timer *time.Timer
-	late  bool // discovered after the prober's first endpoints: slow start applies
+	timer  *time.Timer
+	late   bool // discovered after the prober's first endpoints: slow start applies
+	queued bool // in Prober.ready
+	// ctx ends when the endpoint leaves DNS: a probe in flight stops then.
+	ctx    context.Context
+	cancel context.CancelFunc
 }
 
 func newProber(cfg HealthCheck, svc Service, logger *atomic.Pointer[zap.Logger]) *Prober {
@@ -224,7 +240,6 @@ func newProber(cfg HealthCheck, svc Service, logger *atomic.Pointer[zap.Logger])
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &Prober{
 		cfg: cfg, svc: svc, logger: logger,
-		slots:  make(chan struct{}, cfg.MaxInFlight),
 		ctx:    ctx,
 		cancel: cancel,
 		states: map[string]*probeState{},
@@ -238,11 +253,14 @@ func newProber(cfg HealthCheck, svc Service, logger *atomic.Pointer[zap.Logger])
 				TLSHandshakeTimeout: cfg.Timeout,
 				DisableKeepAlives:   true, // every probe connects, as a new request would
 				DisableCompression:  true,
+				// Headers bounded here, the body in check.
+				MaxResponseHeaderBytes: maxHealthHeader,
 			},
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 			Timeout:       cfg.Timeout,
 		}
 	}
+	p.run = p.checkCtx
 	p.view.Store(&HealthView{FailFast: cfg.FailFast})
 	return p
 }
@@ -288,14 +306,24 @@ func (p *Prober) update(s *Snapshot) {
 			continue
 		}
 		st := &probeState{EndpointHealth: EndpointHealth{Endpoint: e, Since: now}, late: p.started}
+		st.ctx, st.cancel = context.WithCancel(p.ctx)
 		p.states[e.Dial] = st
-		st.timer = time.AfterFunc(0, func() { p.probe(st) })
+		st.timer = time.AfterFunc(0, func() { p.enqueue(st) })
 	}
+	gone := false
 	for dial, st := range p.states {
 		if !keep[dial] {
 			st.timer.Stop()
+			st.cancel() // a probe of it in flight ends now
 			delete(p.states, dial)
+			gone = gone || st.queued
 		}
+	}
+	if gone {
+		// Under DNS churn endpoints come and go faster than they are probed:
+		// a probe waiting for one that left would run for nothing (and send
+		// health_headers to an address DNS no longer names).
+		p.ready = slices.DeleteFunc(p.ready, func(st *probeState) bool { return p.states[st.Endpoint.Dial] != st })
 	}
 	p.members = s.Endpoints
 	p.seq = s.Seq
@@ -353,25 +381,48 @@ func (p *Prober) publishLocked() {
 	}
 }
 
-// probe checks one endpoint, records the result and schedules the next probe.
-func (p *Prober) probe(st *probeState) {
-	// Add under the lock that stop takes before it waits: no probe starts
-	// after stop began waiting.
+// enqueue puts st in the queue, when its timer fires, and starts a worker
+// if fewer than MaxInFlight run.
+func (p *Prober) enqueue(st *probeState) {
 	p.mu.Lock()
-	if p.stopped {
-		p.mu.Unlock()
-		return
+	defer p.mu.Unlock()
+	if p.stopped || st.queued || p.states[st.Endpoint.Dial] != st {
+		return // stopped, or the endpoint left DNS
 	}
-	p.wg.Add(1)
-	p.mu.Unlock()
+	st.queued = true
+	p.ready = append(p.ready, st)
+	if p.workers < p.cfg.MaxInFlight {
+		p.workers++
+		// Add under the lock that stop takes before it waits: no worker
+		// starts after stop began waiting.
+		p.wg.Add(1)
+		go p.work()
+	}
+}
+
+// work probes queued endpoints until the queue is empty.
+func (p *Prober) work() {
 	defer p.wg.Done()
-	select {
-	case p.slots <- struct{}{}:
-	case <-p.ctx.Done():
-		return
+	for {
+		p.mu.Lock()
+		if p.stopped || len(p.ready) == 0 {
+			p.workers--
+			p.mu.Unlock()
+			return
+		}
+		st := p.ready[0]
+		p.ready[0] = nil
+		p.ready = p.ready[1:]
+		st.queued = false
+		p.mu.Unlock()
+		p.probe(st)
 	}
-	err := p.check(st.Endpoint)
-	<-p.slots
+}
+
+// probe checks one endpoint, taken from the queue while it was still
+// discovered, records the result and schedules the next probe.
+func (p *Prober) probe(st *probeState) {
+	err := p.run(st.ctx, st.Endpoint)
 
 	p.mu.Lock()
 	if p.stopped || p.states[st.Endpoint.Dial] != st {
@@ -437,8 +488,11 @@ func (p *Prober) logChange(ev CheckEvent, prev HealthState) {
 }
 
 // check runs one probe.
-func (p *Prober) check(e Endpoint) error {
-	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.Timeout)
+func (p *Prober) check(e Endpoint) error { return p.checkCtx(p.ctx, e) }
+
+// checkCtx runs one probe, ended early by ctx.
+func (p *Prober) checkCtx(ctx context.Context, e Endpoint) error {
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
 	defer cancel()
 	port := e.Port
 	if p.cfg.Port != 0 {
@@ -520,6 +574,7 @@ func (p *Prober) stop() {
 	for _, st := range p.states {
 		st.timer.Stop()
 	}
+	p.ready = nil
 	p.mu.Unlock()
 	p.cancel()
 	p.wg.Wait()

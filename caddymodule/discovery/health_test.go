@@ -1,13 +1,17 @@
 package discovery
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"fmt"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
 	"regexp"
+	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -511,5 +515,146 @@ func TestHealthSlowStartRamp(t *testing.T) {
 		if !v.RampUntil.After(h.RampFrom) {
 			t.Errorf("ramp until %v", v.RampUntil)
 		}
+	}
+}
+
+// D1: DNS swapping between two sets of endpoints that never answer must not
+// pile up probes. The queue holds only endpoints DNS names now (never more
+// than there are), at most MaxInFlight workers run, a probe in flight ends
+// when its endpoint leaves, and once the name is gone nothing is probed.
+func TestHealthChurnBoundsQueue(t *testing.T) {
+	const inFlight = 2
+	p := startProber(t, HealthCheck{MaxInFlight: inFlight, Interval: time.Hour})
+	started, ended := make(chan Endpoint, 1<<12), make(chan Endpoint, 1<<12)
+	p.run = func(ctx context.Context, e Endpoint) error {
+		started <- e
+		<-ctx.Done() // an endpoint that accepts and never answers
+		ended <- e
+		return ctx.Err()
+	}
+	set := func(third byte) []Endpoint {
+		var eps []Endpoint
+		for i := range 200 {
+			eps = append(eps, endpointOf(t, fmt.Sprintf("127.0.%d.%d:80", third, i+1)))
+		}
+		return eps
+	}
+	a, b := set(1), set(2)
+	in := func(eps []Endpoint, e Endpoint) bool {
+		return slices.ContainsFunc(eps, func(x Endpoint) bool { return x.Dial == e.Dial })
+	}
+	check := func(current []Endpoint) {
+		t.Helper()
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		if len(p.ready) > len(current) || p.workers > inFlight {
+			t.Fatalf("%d probes queued for %d endpoints, %d workers (cap %d)", len(p.ready), len(current), p.workers, inFlight)
+		}
+		for _, st := range p.ready {
+			if p.states[st.Endpoint.Dial] != st || !in(current, st.Endpoint) {
+				t.Fatalf("a probe of %s is queued, but DNS no longer names it", st.Endpoint.Dial)
+			}
+		}
+	}
+	wait := func(ch chan Endpoint, what string) Endpoint {
+		t.Helper()
+		select {
+		case e := <-ch:
+			return e
+		case <-time.After(30 * time.Second):
+			t.Fatalf("no probe %s within 30s", what)
+		}
+		return Endpoint{}
+	}
+
+	p.discover(a...)
+	check(a)
+	wait(started, "started")
+	wait(started, "started")
+	p.discover(b...)
+	check(b)
+	// The two probes of a's endpoints in flight end, and the next ones are of b.
+	wait(ended, "ended")
+	wait(ended, "ended")
+	for range inFlight {
+		if e := wait(started, "started"); !in(b, e) {
+			t.Fatalf("probing %s after it left DNS", e.Dial)
+		}
+	}
+	for i := range 100 {
+		cur := a
+		if i%2 == 1 {
+			cur = b
+		}
+		p.discover(cur...)
+		check(cur)
+	}
+	// NXDOMAIN: nothing queued, and what was in flight ends.
+	p.discover()
+	check(nil)
+	p.mu.Lock()
+	if len(p.ready) != 0 || len(p.states) != 0 {
+		t.Fatalf("after NXDOMAIN: %d queued, %d endpoints", len(p.ready), len(p.states))
+	}
+	p.mu.Unlock()
+	p.stop()
+	close(started)
+	close(ended)
+	// Every probe that started ended (none is left waiting on a departed endpoint).
+	n, m := 0, 0
+	for range started {
+		n++
+	}
+	for range ended {
+		m++
+	}
+	if n+2*inFlight != m+inFlight { // the test read 2*inFlight starts and inFlight ends
+		t.Fatalf("%d probes started, %d ended", n+2*inFlight, m+inFlight)
+	}
+}
+
+// D2: a probe reads at most maxHealthHeader of response headers, not Go's 10 MiB.
+func TestHealthHeaderBound(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Big", strings.Repeat("x", 2*maxHealthHeader))
+		w.WriteHeader(200)
+	}))
+	t.Cleanup(srv.Close)
+	p := startProber(t, HealthCheck{})
+	err := p.check(endpointOf(t, srv.Listener.Addr().String()))
+	if err == nil || !strings.Contains(err.Error(), "header") {
+		t.Fatalf("check of an endpoint sending %d bytes of headers = %v, want a header limit error", 2*maxHealthHeader, err)
+	}
+}
+
+// D1, the way the issue measured it: two sets of 1,000 endpoints that accept
+// and never answer, swapped 20 times. The goroutines settle at the workers'
+// cap, not at one per probe ever queued (80,756 before the fix).
+func TestHealthChurnGoroutinesBounded(t *testing.T) {
+	const inFlight = 16
+	base := runtime.NumGoroutine()
+	p := startProber(t, HealthCheck{MaxInFlight: inFlight, Interval: time.Hour})
+	p.run = func(ctx context.Context, e Endpoint) error {
+		<-ctx.Done() // never answers
+		return ctx.Err()
+	}
+	sets := [2][]Endpoint{}
+	for s := range sets {
+		for i := range 1000 {
+			sets[s] = append(sets[s], endpointOf(t, fmt.Sprintf("10.%d.%d.%d:80", s+1, i/250, i%250+1)))
+		}
+	}
+	for i := range 20 {
+		p.discover(sets[i%2]...)
+	}
+	// The AfterFunc goroutines of the last set exit once they have queued
+	// their endpoint; inFlight workers stay, blocked on endpoints that never
+	// answer. (+2: slack for the runtime's own.)
+	goroutinesSettle(t, base+inFlight+2)
+	p.mu.Lock()
+	queued, workers := len(p.ready), p.workers
+	p.mu.Unlock()
+	if queued > 1000 || workers != inFlight {
+		t.Fatalf("%d queued, %d workers; want at most 1000 (the endpoints DNS names) and %d", queued, workers, inFlight)
 	}
 }

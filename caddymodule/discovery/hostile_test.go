@@ -999,3 +999,49 @@ func TestHostileSRVTargetsWithoutGlueBounded(t *testing.T) {
 			res.Queries, res.Dropped, targets, 1+MaxTargetLookups)
 	}
 }
+
+// D3: A answers, AAAA does not (REFUSED, SERVFAIL, dropped): the A records
+// are used and the warning names the family that failed. Once the Service
+// has IPv6 endpoints, an AAAA failure keeps them rather than dropping them.
+func TestHostileOneFamilyFails(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		rcode int // -1: no answer at all
+	}{{"refused", dns.RcodeRefused}, {"servfail", dns.RcodeServerFailure}, {"dropped", -1}} {
+		t.Run(c.name, func(t *testing.T) {
+			srv := dnstest.Start(t, bbsZone+"\nfrontend.bbs.svc.cluster.local. 5 IN AAAA fd00::2\n")
+			var failAAAA atomic.Bool
+			failAAAA.Store(true)
+			srv.Hook(func(w dns.ResponseWriter, q *dns.Msg) bool {
+				if q.Question[0].Qtype != dns.TypeAAAA || !failAAAA.Load() {
+					return false
+				}
+				if c.rcode >= 0 {
+					m := new(dns.Msg)
+					m.SetRcode(q, c.rcode)
+					w.WriteMsg(m)
+				}
+				return true
+			})
+			w, logs := startWatcher(t, srv, "frontend:8001", nil)
+			s := w.Wait(context.Background(), 10*time.Second)
+			if s == nil || dials(s.Endpoints) != "10.1.0.2:8001 10.1.0.3:8001" || s.Outcome != OutcomeSuccess {
+				t.Fatalf("snapshot %+v; want the A records", s)
+			}
+			warn := logs.FilterMessageSnippet("AAAA records failed").All()
+			if len(warn) != 1 || !strings.Contains(fmt.Sprint(warn[0].ContextMap()["hint"]), "versions ipv4") {
+				t.Fatalf("warnings %+v; want one naming AAAA and suggesting versions ipv4", logs.All())
+			}
+			// AAAA answers: dual-stack. Then it fails again: the IPv6
+			// endpoint is kept, as when a whole lookup fails.
+			failAAAA.Store(false)
+			if s = refreshNow(t, w); dials(s.Endpoints) != "10.1.0.2:8001 10.1.0.3:8001 [fd00::2]:8001" {
+				t.Fatalf("dual stack: [%s]", dials(s.Endpoints))
+			}
+			failAAAA.Store(true)
+			if s = refreshNow(t, w); dials(s.Endpoints) != "10.1.0.2:8001 10.1.0.3:8001 [fd00::2]:8001" || !s.Stale() {
+				t.Fatalf("AAAA failing after dual stack: [%s] stale %t; want all kept, stale", dials(s.Endpoints), s.Stale())
+			}
+		})
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -212,29 +213,48 @@ func NormalizeServer(s string) (string, error) {
 	if s == "" {
 		return "", errors.New("empty resolver address")
 	}
-	if ip := net.ParseIP(strings.Trim(s, "[]")); ip != nil {
+	// A bare address, with a zone or not ("fe80::1%eth0"), or one in brackets.
+	bare := s
+	if strings.HasPrefix(s, "[") && strings.HasSuffix(s, "]") {
+		bare = s[1 : len(s)-1]
+	}
+	if ip, err := netip.ParseAddr(bare); err == nil {
+		// "::1:53" is an address, but most likely meant as ::1 port 53:
+		// refuse what reads both ways.
+		if i := strings.LastIndexByte(bare, ':'); bare == s && ip.Is6() && i > 0 {
+			if _, perr := netip.ParseAddr(bare[:i]); perr == nil && isPort(bare[i+1:]) {
+				return "", fmt.Errorf("resolver %q is ambiguous: write [%s]:%s for port %s of %s, or [%s] for the address %s",
+					s, bare[:i], bare[i+1:], bare[i+1:], bare[:i], bare, bare)
+			}
+		}
 		return joinHostPort(ip.String(), "53"), nil
 	}
 	host, port, err := net.SplitHostPort(s)
 	if err != nil {
 		if strings.Contains(s, ":") {
-			return "", fmt.Errorf("resolver %q: %v", s, err)
+			return "", fmt.Errorf("resolver %q: %v (write IPv6 with a port as [::1]:53)", s, err)
 		}
 		host, port = s, "53"
 	}
 	if host == "" {
 		return "", fmt.Errorf("resolver %q: missing host", s)
 	}
-	if net.ParseIP(host) == nil {
+	if _, err := netip.ParseAddr(host); err != nil {
 		if err := checkName(strings.ToLower(strings.TrimSuffix(host, ".")) + "."); err != nil {
 			return "", fmt.Errorf("resolver %q: host %q is neither an IP address nor a host name", s, host)
 		}
 	}
-	var p int
-	if _, err := fmt.Sscanf(port, "%d", &p); err != nil || p < 1 || p > 65535 || fmt.Sprint(p) != port {
+	if !isPort(port) {
 		return "", fmt.Errorf("resolver %q: port %q is not a number in 1-65535", s, port)
 	}
 	return joinHostPort(host, port), nil
+}
+
+// isPort reports whether s is a port number, 1-65535, written plainly.
+func isPort(s string) bool {
+	var p int
+	_, err := fmt.Sscanf(s, "%d", &p)
+	return err == nil && p >= 1 && p <= 65535 && fmt.Sprint(p) == s
 }
 
 func joinHostPort(host, port string) string { return net.JoinHostPort(host, port) }

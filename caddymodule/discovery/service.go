@@ -6,6 +6,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/miekg/dns"
 )
@@ -74,7 +75,9 @@ func ParseService(ref string, def Defaults) (Service, error) {
 	if strings.Contains(port, ":") {
 		return fail("more than one ':'")
 	}
-	if port[0] >= '0' && port[0] <= '9' {
+	// Kubernetes port names may start with a digit ("8http"): only digits
+	// make a number.
+	if strings.Trim(port, "0123456789") == "" {
 		n, err := strconv.Atoi(port)
 		if err != nil || n < 1 || n > 65535 {
 			return fail("port %q is not a number in 1-65535", port)
@@ -109,6 +112,12 @@ func ParseService(ref string, def Defaults) (Service, error) {
 		fqdn = host + "." + domain + "."
 	default:
 		fqdn = host + "."
+	}
+	// Before lowercasing, which would turn the Kelvin sign (U+212A) into 'k'
+	// and let a name that is not the one written through.
+	if i := strings.IndexFunc(fqdn, func(r rune) bool { return r >= utf8.RuneSelf }); i >= 0 {
+		r, _ := utf8.DecodeRuneInString(fqdn[i:])
+		return fail("%q is not a valid DNS name: %q is not ASCII (write internationalized names in their xn-- form)", fqdn, r)
 	}
 	fqdn = strings.ToLower(fqdn)
 	if err := checkName(fqdn); err != nil {

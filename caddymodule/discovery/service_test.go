@@ -29,13 +29,19 @@ func TestParseService(t *testing.T) {
 		{ref: ":80", err: "empty service name"},
 		{ref: "frontend:0", err: "not a number in 1-65535"},
 		{ref: "frontend:65536", err: "not a number in 1-65535"},
-		{ref: "frontend:80x", err: "not a number in 1-65535"},
+		// D6: Kubernetes port names may start with a digit; any letter makes a name.
+		{ref: "frontend:80x", fqdn: "frontend.bbs.svc.cluster.local.", qname: "_80x._tcp.frontend.bbs.svc.cluster.local."},
+		{ref: "frontend:8http", fqdn: "frontend.bbs.svc.cluster.local.", qname: "_8http._tcp.frontend.bbs.svc.cluster.local."},
+		{ref: "frontend:1a", fqdn: "frontend.bbs.svc.cluster.local.", qname: "_1a._tcp.frontend.bbs.svc.cluster.local."},
+		{ref: "frontend:8-", err: "'-' may not lead"},
+		// D13: not lowercased into ASCII (U+212A KELVIN SIGN would become 'k').
+		{ref: "\u212aube:80", err: "not ASCII"},
+		{ref: "fr\u00e9:80", err: "not ASCII"},
 		{ref: "frontend:-1", err: "port name"},
 		{ref: "frontend:HTTP", err: "lowercase"},
 		{ref: "frontend:http-", err: "'-' may not lead"},
 		{ref: "frontend:h--p", err: "'-' may not lead"},
 		{ref: "frontend:abcdefghijklmnop", err: "longer than 15"},
-		{ref: "frontend:1a", err: "not a number"},
 		{ref: "frontend:a:b", err: "more than one ':'"},
 		{ref: "[::1]:80", err: "IP address"},
 		{ref: "10.0.0.1:80", err: "not a service reference"},
@@ -78,6 +84,7 @@ func TestDetect(t *testing.T) {
 	pod := write("pod.conf", "search bbs.svc.corp.example svc.corp.example corp.example\nnameserver 10.96.0.10\noptions ndots:5\n")
 	nsFile := write("namespace", "payments\n")
 	plain := write("plain.conf", "nameserver 192.0.2.1\nnameserver 2001:db8::1\n")
+	zoned := write("zoned.conf", "nameserver fe80::1%lo\n")
 
 	for _, tc := range []struct {
 		name string
@@ -90,6 +97,8 @@ func TestDetect(t *testing.T) {
 			Detected{Defaults{"payments", "corp.example"}, []string{"10.96.0.10:53"}}},
 		{"outside a cluster", Environment{ResolvConf: plain, NamespaceFile: filepath.Join(dir, "none")},
 			Detected{Defaults{"default", "cluster.local"}, []string{"192.0.2.1:53", "[2001:db8::1]:53"}}},
+		{"zoned nameserver", Environment{ResolvConf: zoned, NamespaceFile: filepath.Join(dir, "none")},
+			Detected{Defaults{"default", "cluster.local"}, []string{"[fe80::1%lo]:53"}}},
 		{"no resolv.conf", Environment{ResolvConf: filepath.Join(dir, "none"), NamespaceFile: filepath.Join(dir, "none")},
 			Detected{Defaults{"default", "cluster.local"}, []string{"127.0.0.1:53"}}},
 	} {
@@ -98,6 +107,11 @@ func TestDetect(t *testing.T) {
 			if got.Namespace != tc.want.Namespace || got.ClusterDomain != tc.want.ClusterDomain ||
 				strings.Join(got.Resolvers, ",") != strings.Join(tc.want.Resolvers, ",") {
 				t.Fatalf("Detect() = %+v, want %+v", got, tc.want)
+			}
+			for _, r := range got.Resolvers { // what the configuration then checks
+				if _, err := NormalizeServer(r); err != nil {
+					t.Fatalf("resolver %q from resolv.conf refused: %v", r, err)
+				}
 			}
 		})
 	}
@@ -112,13 +126,22 @@ func TestNormalizeServer(t *testing.T) {
 		"[::1]:54":        "[::1]:54",
 		"dns.local":       "dns.local:53",
 		"dns.local:1053":  "dns.local:1053",
+		// D13: zones, bare or in brackets (resolv.conf may hold them).
+		"fe80::1%lo":        "[fe80::1%lo]:53",
+		"[fe80::1%lo]":      "[fe80::1%lo]:53",
+		"[fe80::1%lo]:5353": "[fe80::1%lo]:5353",
+		// D5: a bare IPv6 address that cannot be read as address:port.
+		"fd00::10": "[fd00::10]:53",
+		"::53":     "[::53]:53",
 	} {
 		got, err := NormalizeServer(in)
 		if err != nil || got != want {
 			t.Errorf("NormalizeServer(%q) = %q, %v; want %q", in, got, err, want)
 		}
 	}
-	for _, in := range []string{"", ":53", "10.0.0.1:0", "10.0.0.1:x", "10.0.0.1:70000", "a:b:c"} {
+	for _, in := range []string{"", ":53", "10.0.0.1:0", "10.0.0.1:x", "10.0.0.1:70000", "a:b:c",
+		"::1:53", "fd00::1:5353", // D5: ambiguous, write [::1]:53
+	} {
 		if got, err := NormalizeServer(in); err == nil {
 			t.Errorf("NormalizeServer(%q) = %q, want an error", in, got)
 		}

@@ -3,9 +3,11 @@ package discovery
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
+	"github.com/miekg/dns"
 	"go.uber.org/zap"
 )
 
@@ -26,7 +28,7 @@ type warnState struct {
 // warnings rate-limit the Watcher's repeated warnings: a DNS outage or a
 // hostile server must not write a line per lookup.
 type warnings struct {
-	failure, bound, refused warnState
+	failure, bound, refused, partial warnState
 }
 
 // due reports whether a warning about what should be written now: when it
@@ -69,4 +71,41 @@ func (w *Watcher) logRefused(log *zap.Logger, res Result, now time.Time) {
 	log.Warn("DNS answer names endpoint addresses that are not allowed; ignored them",
 		zap.String("service", w.cfg.Service.String()), zap.Strings("refused", names),
 		zap.Int("count", res.RefusedCount), zap.String("hint", w.cfg.Addresses.hint()))
+}
+
+// logPartial warns, at most every warnRepeat while it lasts, that one
+// address family's question failed and the other's answer is used alone.
+func (w *Watcher) logPartial(log *zap.Logger, res Result, now time.Time) {
+	if res.Partial == nil {
+		w.warned.partial = warnState{}
+		return
+	}
+	if !w.warned.due(&w.warned.partial, failureKind(res.Partial), now) {
+		return
+	}
+	failed, used, keep := "AAAA", "A", "ipv4"
+	if failedFamily(res.Partial) == 4 {
+		failed, used, keep = "A", "AAAA", "ipv6"
+	}
+	log.Warn(fmt.Sprintf("DNS refresh of %s records failed; using the %s records alone and asking %s again at every refresh", failed, used, failed),
+		zap.String("service", w.cfg.Service.String()), zap.Int("endpoints", len(res.Endpoints)), zap.Error(res.Partial),
+		zap.String("hint", fmt.Sprintf("if the Service has no %s addresses, set `versions %s` so that %s is not asked", failed, keep, failed)))
+}
+
+// failedFamily is the address family whose question err is about: 4 for A,
+// 6 for AAAA.
+func failedFamily(err error) family {
+	var le *LookupError
+	if errors.As(err, &le) && le.Type == dns.TypeA {
+		return 4
+	}
+	return 6
+}
+
+// hasFamily reports whether s has endpoints of family f.
+func hasFamily(s *Snapshot, f family) bool {
+	if s == nil {
+		return false
+	}
+	return slices.ContainsFunc(s.Endpoints, func(e Endpoint) bool { return e.IP.Is4() == (f == 4) })
 }

@@ -166,6 +166,8 @@ type Watcher struct {
 
 	prober *Prober // nil without health checks
 	aside  *aside  // endpoints whose dial failed
+
+	running atomic.Bool // set when begin started the run goroutine
 }
 
 // ErrNotResolved is returned while a Service has never been resolved.
@@ -184,8 +186,15 @@ func Start(cfg Config, logger *zap.Logger) *Watcher {
 // (or been stopped). A Watcher made by New asks no DNS before Run, or before
 // the first Endpoints call, whichever comes first.
 func (w *Watcher) Run() {
-	w.begin.Do(func() { go w.run(w.ctx) })
+	w.begin.Do(func() {
+		w.running.Store(true)
+		go w.run(w.ctx)
+	})
 }
+
+// Running reports whether Run (or a request, or RefreshNow) started the
+// Watcher: a config that is still loading has Watchers that do not run yet.
+func (w *Watcher) Running() bool { return w.running.Load() }
 
 // New creates a Watcher for cfg (with its defaults filled in) that does
 // nothing until Run.
@@ -379,14 +388,19 @@ func (w *Watcher) run(ctx context.Context) {
 		w.started.Store(seq)
 		lastStart = time.Now()
 		res, err := w.lookup(ctx, single, seq)
+		if err == nil && res.Partial != nil && hasFamily(w.snap.Load(), failedFamily(res.Partial)) {
+			// Taking the answer would drop the failed family's endpoints we
+			// have: a transient failure, as if both had failed.
+			err = res.Partial
+		}
 		if err == nil {
 			single = familyOf(res.Endpoints)
+			if res.Partial != nil {
+				single = 0 // keep asking the family that failed
+			}
 		}
 		if ctx.Err() != nil {
 			return
-		}
-		if err == nil {
-			err = w.cfg.Addresses.apply(w.cfg.Service, &res)
 		}
 		now := time.Now()
 		if err != nil {
@@ -441,13 +455,13 @@ func familyOf(eps []Endpoint) family {
 func (w *Watcher) lookup(ctx context.Context, single family, seq uint64) (Result, error) {
 	v4, v6 := w.cfg.IPv4, w.cfg.IPv6
 	if !v4 || !v6 || single == 0 || w.cfg.Service.SRV() || seq%missingFamilyEvery == 0 {
-		return w.cfg.Resolver.Lookup(ctx, w.cfg.Service, v4, v6)
+		return w.cfg.Resolver.LookupAllowed(ctx, w.cfg.Service, v4, v6, w.cfg.Addresses)
 	}
-	res, err := w.cfg.Resolver.Lookup(ctx, w.cfg.Service, single == 4, single == 6)
+	res, err := w.cfg.Resolver.LookupAllowed(ctx, w.cfg.Service, single == 4, single == 6, w.cfg.Addresses)
 	if err != nil || len(res.Endpoints) > 0 {
 		return res, err
 	}
-	again, err := w.cfg.Resolver.Lookup(ctx, w.cfg.Service, v4, v6)
+	again, err := w.cfg.Resolver.LookupAllowed(ctx, w.cfg.Service, v4, v6, w.cfg.Addresses)
 	again.Queries += res.Queries
 	again.Truncated += res.Truncated
 	return again, err
@@ -489,6 +503,7 @@ func (w *Watcher) next(prev *Snapshot, res Result, err error, now time.Time, seq
 				zap.String("service", svc.String()), zap.Int("dropped", res.Dropped))
 		}
 		w.logRefused(log, res, now)
+		w.logPartial(log, res, now)
 		return s
 	}
 
