@@ -143,15 +143,15 @@ func (s *suite) requestLoop(path string, stop <-chan struct{}) <-chan []attempt 
 	return out
 }
 
-// replaceEvery is the pace of the rollout: a cached answer names the pods
-// that were in the slice when the cache filled it, and keeps naming them for
-// up to 30 s. With three pods replaced one at a time, the youngest pod of any
-// answer is stopped two replacements and 3 s after it was added, so at least
-// one pod of every cached answer is alive as long as 2·replaceEvery + 3 s
-// exceeds 30 s. A faster rollout can leave a cache naming only stopped pods,
-// which no proxy that reads DNS can route around (README: Freshness in a real
-// cluster, the drain budget).
-const replaceEvery = 14 * time.Second
+// replaceEvery is the pace of the rollout. A cached answer names the pods
+// that were in the slice when the cache filled it, for up to 30 s (plus our
+// refresh interval). Three pods are replaced one at a time, so the last of
+// the first three is stopped 2·replaceEvery + 3 s after the first new pod
+// was added: a cache filled just before that still names a live pod while
+// this exceeds 31 s (16 s leaves 4 s of margin). A faster rollout can leave
+// a cache naming only stopped pods, which no proxy that reads DNS can route
+// around (README: Freshness in a real cluster, the drain budget).
+const replaceEvery = 16 * time.Second
 
 func TestEndpointsLeaveAbruptly(t *testing.T) {
 	s := requireSuite(t)
