@@ -99,23 +99,27 @@ func drillAbrupt(ctx context.Context, h *harness) (*section, error) {
 		inDNS, after, late = 4*time.Second, 2*time.Second, 3*time.Second
 	}
 	lostSet := []string{epAddr(100), epAddr(101), epAddr(102), epAddr(103)}
-	tb := &table{caption: fmt.Sprintf("**(b) A lost endpoint**: silent (no RST), in DNS for %s more:", inDNS),
-		header: append(append([]string(nil), header[:4]...), fmt.Sprintf("failed, of those started ≥ %s after the loss (their max)", late), "error kinds", "p50", "p99", "max")}
+	tb := &table{caption: fmt.Sprintf("**(b) A lost endpoint**: silent (no RST), in DNS for %d s more:", int(inDNS.Seconds())),
+		header: append(append([]string(nil), header[:4]...), "last failed request sent, after the loss", fmt.Sprintf("failed, of those sent ≥ %d s after the loss (their max)", int(late.Seconds())), "error kinds", "p50", "p99", "max")}
 	var notes []string
 	if err := silence(""); err != nil {
 		notes = append(notes, "**(b) did not run:** nftables is needed to silence an endpoint on loopback: "+err.Error())
 	} else {
 		oursB := -1
 		for _, tg := range targets(lostSet) {
-			sm, lateSm, err := abruptLost(ctx, h, tg, lostSet, inDNS, after, late)
+			sm, lateSm, lastFail, err := abruptLost(ctx, h, tg, lostSet, inDNS, after, late)
 			if err != nil {
 				return nil, err
 			}
 			if oursB < 0 {
 				oursB = sm.errors
 			}
-			tb.add(tg.name, sm.n, sm.errors, ratio(float64(sm.errors), float64(oursB)), fmt.Sprintf("%d of %d (max %s)", lateSm.errors, lateSm.n, ms(lateSm.max)),
-				sm.kindList(), ms(sm.p50), ms(sm.p99), ms(sm.max))
+			last := "—"
+			if sm.errors > 0 {
+				last = secs(lastFail)
+			}
+			tb.add(tg.name, sm.n, sm.errors, ratio(float64(sm.errors), float64(oursB)), last,
+				fmt.Sprintf("%d of %d (max %s)", lateSm.errors, lateSm.n, ms(lateSm.max)), sm.kindList(), ms(sm.p50), ms(sm.p99), ms(sm.max))
 			h.headline(fmt.Sprintf("A lost endpoint (silent, in DNS %d s more): failed requests", int(inDNS.Seconds())), col(tg.name),
 				fmt.Sprintf("%d of %d", sm.errors, sm.n))
 		}
@@ -131,20 +135,28 @@ func drillAbrupt(ctx context.Context, h *harness) (*section, error) {
 			"(docs/design.md), resolving the names at start; its defaults `proxy_next_upstream error timeout` and `max_fails=1 fail_timeout=10s` apply "+
 			"(`proxy_connect_timeout 300s` is the story's). An open-loop Go client sends %[3]d requests/s (timeout 30 s); "+
 			"a request failed if it did not get a 200.\n\n"+
-			"**(a) Drain 0.** %[4]d endpoints; every second for %[5]s a new endpoint starts and is published, and the oldest is stopped in "+
+			"**(a) Drain 0.** %[4]d endpoints; every second for %[5]d s a new endpoint starts and is published, and the oldest is stopped in "+
 			"the same moment (its server closed with whatever it was serving: connections reset, then connection refused), while DNS "+
 			"keeps naming it for %[6]d s more, as a cache would (so DNS names the %[4]d live endpoints and up to %[6]d stopped ones). "+
 			"Measured from the first replacement until %[6]d s after the last, when DNS names only live endpoints again.\n\n"+
 			"**(b) A lost endpoint.** %[4]d endpoints; after 3 s of load one of them goes silent: an nftables rule (table `inet %[7]s`, "+
 			"hook `output`, made for the drill and deleted after it) drops every packet to and from its address and port, as if its node "+
-			"were lost — no RST, SYNs unanswered, pooled connections hang. DNS keeps naming it for %[8]s, then drops it; measured from "+
-			"the loss until %[9]s after that.",
-			epPort, allowLoopback, loadRate, size, churn, abruptLag, silentTable, inDNS, after),
+			"were lost — no RST, SYNs unanswered, pooled connections hang. DNS keeps naming it for %[8]d s, then drops it; measured from "+
+			"the loss until %[9]d s after that.",
+			epPort, allowLoopback, loadRate, size, int(churn.Seconds()), abruptLag, silentTable, int(inDNS.Seconds()), int(after.Seconds())),
 		tables: []*table{ta, tb},
-		notes: append(notes, "\"failed, ratio to ours\" is — where ours failed none. nginx keeps the endpoints it resolved "+
-			"at start: in (a) once they have all been replaced every request fails, whatever its retries. A request sent to a lost "+
-			"endpoint (or on a connection pooled to it) waits for an answer that never comes: the client gives up after 30 s "+
-			"(`Client.Timeout`) unless the proxy answers first; no proxy here has a response timeout shorter than that by default."),
+		notes: append(notes, "\"failed, ratio to ours\" is — where ours failed none. How each fails, by its defaults: "+
+			"`dynamic a` has no retry, so every request that picks a stopped endpoint gets a 502 (at once when refused; after its "+
+			"3 s dial timeout when silent) for as long as DNS names it. HAProxy retries 3 times on the *same* server "+
+			"(no `redispatch`), waiting 1 s before each retry of a refused connection, then answers 503 (about 3 s for a refused "+
+			"endpoint, 4 × `timeout connect 5s` for a silent one); requests on connections it had kept open to the lost "+
+			"endpoint hang. nginx keeps the endpoints it resolved at start: in (a) once they have all been replaced every "+
+			"request fails, whatever its retries; in (b) a connection to the lost endpoint waits for `proxy_connect_timeout` "+
+			"(the kernel gives up its SYNs after about 2 minutes), longer than the client's 30 s, so nginx does not see a failure "+
+			"within it, `max_fails` does not set the endpoint aside, and about one request in four hangs. Ours retries a "+
+			"failed dial on another endpoint at once (a refused one) or after its 1 s dial timeout (a silent one) and sets the "+
+			"endpoint aside; what it cannot save is a request already sent to the lost endpoint or on a connection pooled to it: "+
+			"it waits for an answer that never comes (no proxy here has a response timeout shorter than the client's 30 s by default)."),
 	}, nil
 }
 
@@ -222,28 +234,28 @@ func abruptChurn(ctx context.Context, h *harness, tg target, initial []string, f
 // and stays in DNS for inDNS. It summarizes the requests sent from the loss
 // until after has passed since DNS dropped it, and those of them that started
 // late or later after the loss.
-func abruptLost(ctx context.Context, h *harness, tg target, set []string, inDNS, after, late time.Duration) (all, lateSm summary, err error) {
+func abruptLost(ctx context.Context, h *harness, tg target, set []string, inDNS, after, late time.Duration) (all, lateSm summary, lastFail time.Duration, err error) {
 	live, err := h.startEndpoints(set...)
 	if err != nil {
-		return all, lateSm, err
+		return all, lateSm, 0, err
 	}
 	defer h.stopEndpoints()
 	h.setRecords(appName, addrs(live)...)
 	p, err := tg.start(ctx)
 	if err != nil {
-		return all, lateSm, err
+		return all, lateSm, 0, err
 	}
 	defer p.stop()
 	l := startLoad([]string{p.url}, loadRate)
 	if err := sleep(ctx, 3*time.Second); err != nil {
 		l.stop()
-		return all, lateSm, err
+		return all, lateSm, 0, err
 	}
 	lost := set[len(set)-1]
 	t0 := l.elapsed()
 	if err := silence(lost); err != nil {
 		l.stop()
-		return all, lateSm, err
+		return all, lateSm, 0, err
 	}
 	defer silence("")
 	err = sleep(ctx, inDNS)
@@ -254,10 +266,16 @@ func abruptLost(ctx context.Context, h *harness, tg target, set []string, inDNS,
 	t1 := l.elapsed()
 	ss := l.stop() // waits for the requests still hanging (client timeout 30 s)
 	if err != nil {
-		return all, lateSm, err
+		return all, lateSm, 0, err
 	}
 	debugSlow(tg.name+" (b)", ss, p)
-	return summarize(window(ss, t0, t1)), summarize(window(ss, t0+late, t1)), nil
+	w := window(ss, t0, t1)
+	for _, s := range w {
+		if !s.ok() {
+			lastFail = max(lastFail, s.at-t0)
+		}
+	}
+	return summarize(w), summarize(window(ss, t0+late, t1)), lastFail, nil
 }
 
 // silence makes addr (ip:port) silent: nftables drops every TCP packet to and
