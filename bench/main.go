@@ -111,7 +111,7 @@ func main() {
 	if old, err := os.ReadFile(*out); err == nil && *out != "" && !want["all"] {
 		// Some drills only: their sections and summary rows replace those
 		// of the report already there, the rest of it stays.
-		stamp := fmt.Sprintf("_This section and its summary row are from a separate run: `%s`, %s, Caddy built from %s; the rest of this file is from the run named at the top._",
+		stamp := fmt.Sprintf("_This section and its summary rows are from a separate run: `%s`, %s, Caddy built from %s; the rest of this file is from the run named at the top._",
 			commandLine(os.Args[1:]), time.Now().UTC().Format("2006-01-02 15:04 UTC"), h.source)
 		report = mergeReport(string(old), report, sections, stamp)
 		log.Printf("merged the sections of %s into %s", *only, *out)
