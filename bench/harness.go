@@ -582,6 +582,12 @@ backend app
 	http-request set-header X-Real-IP %%[src]
 	server-template ep %[4]d %[5]s:%[6]s resolvers cluster init-addr none resolve-prefer ipv4
 `, dnsAddr, holdValid, listen, slots, appName, epPort)
+	return h.runHAProxy(ctx, name, listen, conf)
+}
+
+// runHAProxy runs HAProxy with this configuration (its frontend bound to
+// listen) and waits until it answers 200.
+func (h *harness) runHAProxy(ctx context.Context, name, listen, conf string) (*proxy, error) {
 	cfg := filepath.Join(h.dir, "haproxy-"+portOf(listen)+".cfg")
 	if err := os.WriteFile(cfg, []byte(conf), 0o644); err != nil {
 		return nil, err

@@ -4,6 +4,9 @@
 //
 //	bin/bench -caddy bin/caddy -out BENCHMARKS.md [-drills throughput,stall] [-quick]
 //
+// With -drills naming some drills and -out an existing report, only their
+// sections and summary rows are replaced (or added); the rest is kept.
+//
 // It is a module of its own (go.mod beside this file, the plugin by a
 // replace), so its tools never reach the plugin's go.mod.
 //
@@ -46,6 +49,7 @@ var drills = []drill{
 	{"big", "6. Big service: 1,000 endpoints", drillBig},
 	{"many", "7. Many services: 500", drillMany},
 	{"reload", "8. Reload storm", drillReload},
+	{"abrupt", "9. Abrupt churn", drillAbrupt},
 }
 
 func main() {
@@ -104,6 +108,14 @@ func main() {
 	}
 	fmt.Println("## Summary\n\n" + h.headlineTable())
 	report := h.report(sections, time.Since(started), os.Args[1:])
+	if old, err := os.ReadFile(*out); err == nil && *out != "" && !want["all"] {
+		// Some drills only: their sections and summary rows replace those
+		// of the report already there, the rest of it stays.
+		stamp := fmt.Sprintf("_This section and its summary rows are from a separate run: `%s`, %s, Caddy built from %s; the rest of this file is from the run named at the top._",
+			commandLine(os.Args[1:]), time.Now().UTC().Format("2006-01-02 15:04 UTC"), h.source)
+		report = mergeReport(string(old), report, sections, stamp)
+		log.Printf("merged the sections of %s into %s", *only, *out)
+	}
 	if *out != "" {
 		if err := os.WriteFile(*out, []byte(report), 0o644); err != nil {
 			log.Fatal(err)

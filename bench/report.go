@@ -117,17 +117,7 @@ func (h *harness) headlineTable() string {
 // report is the whole of BENCHMARKS.md.
 func (h *harness) report(sections []*section, took time.Duration, args []string) string {
 	caddyVersion, _, _ := strings.Cut(versionOf(h.caddy, "version"), " ")
-	cmd := "make bench"
-	if len(args) > 0 {
-		quoted := make([]string, len(args))
-		for i, a := range args {
-			quoted[i] = a
-			if strings.ContainsAny(a, " '\"") {
-				quoted[i] = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
-			}
-		}
-		cmd = "bin/bench " + strings.Join(quoted, " ")
-	}
+	cmd := commandLine(args)
 	kernel, _ := os.ReadFile("/proc/sys/kernel/osrelease")
 	info := reportInfo{
 		Cmd: cmd, Date: time.Now().UTC().Format("2006-01-02 15:04 UTC"), Took: took.Round(time.Second),
@@ -140,6 +130,121 @@ func (h *harness) report(sections []*section, took time.Duration, args []string)
 		info.Sections = append(info.Sections, sec.markdown())
 	}
 	return renderReport(info)
+}
+
+// commandLine is how the report names the command that wrote it.
+func commandLine(args []string) string {
+	if len(args) == 0 {
+		return "make bench"
+	}
+	quoted := make([]string, len(args))
+	for i, a := range args {
+		quoted[i] = a
+		if strings.ContainsAny(a, " '\"") {
+			quoted[i] = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
+		}
+	}
+	return "bin/bench " + strings.Join(quoted, " ")
+}
+
+// mergeReport puts into old (a whole report) the sections of fresh (the
+// report of a run of some drills) and the rows of its summary table: a
+// section or row with the same title replaces the old one, a new section
+// goes before "## Storage" (or at the end), a new row at the end of the
+// summary table. stamp is added to each merged section, to say which run it
+// is from.
+func mergeReport(old, fresh string, sections []*section, stamp string) string {
+	out := old
+	// Summary rows: the data rows of fresh's first table after "## Summary".
+	for _, row := range summaryRows(fresh) {
+		key := row[:strings.Index(row[2:], " |")+4] // "| first cell |"
+		lines := strings.Split(out, "\n")
+		start := indexOfLine(lines, "## Summary")
+		if start < 0 {
+			break
+		}
+		last, replaced := -1, false
+		for i := start + 1; i < len(lines); i++ {
+			l := lines[i]
+			if strings.HasPrefix(l, "## ") {
+				break
+			}
+			if !strings.HasPrefix(l, "|") {
+				if last >= 0 {
+					break // the end of the table
+				}
+				continue
+			}
+			last = i
+			if strings.HasPrefix(l, key) {
+				lines[i], replaced = row, true
+				break
+			}
+		}
+		if !replaced && last >= 0 {
+			lines = append(lines[:last+1], append([]string{row}, lines[last+1:]...)...)
+		}
+		out = strings.Join(lines, "\n")
+	}
+	for _, sec := range sections {
+		head := "## " + sec.title + "\n"
+		i := strings.Index(fresh, head)
+		if i < 0 {
+			continue
+		}
+		block := fresh[i:]
+		if j := strings.Index(block[len(head):], "\n## "); j >= 0 {
+			block = block[:len(head)+j+1]
+		}
+		block = strings.TrimRight(block, "\n") + "\n\n" + stamp + "\n\n"
+		if i := strings.Index(out, head); i >= 0 {
+			end := len(out)
+			if j := strings.Index(out[i+len(head):], "\n## "); j >= 0 {
+				end = i + len(head) + j + 1
+			}
+			out = out[:i] + block + out[end:]
+		} else if i := strings.Index(out, "\n## Storage"); i >= 0 {
+			out = out[:i+1] + block + out[i+1:]
+		} else {
+			out = strings.TrimRight(out, "\n") + "\n\n" + block
+		}
+	}
+	return out
+}
+
+// summaryRows is the data rows of the table under "## Summary".
+func summaryRows(report string) []string {
+	lines := strings.Split(report, "\n")
+	start := indexOfLine(lines, "## Summary")
+	if start < 0 {
+		return nil
+	}
+	var rows []string
+	seen := 0
+	for _, l := range lines[start+1:] {
+		if strings.HasPrefix(l, "## ") {
+			break
+		}
+		if !strings.HasPrefix(l, "|") {
+			if seen > 0 {
+				break
+			}
+			continue
+		}
+		if seen++; seen > 2 { // after the header and its separator
+			rows = append(rows, l)
+		}
+	}
+	return rows
+}
+
+func indexOfLine(lines []string, l string) int {
+	for i, x := range lines {
+		if x == l {
+			return i
+		}
+	}
+	return -1
 }
 
 // reportTemplate is the prose of BENCHMARKS.md around the drills' tables.

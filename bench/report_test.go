@@ -23,3 +23,18 @@ func TestRenderReport(t *testing.T) {
 		t.Errorf("unfilled field:\n%s", out)
 	}
 }
+
+// A run of some drills replaces their sections and summary rows, adds the new
+// ones, and keeps the rest of the report.
+func TestMergeReport(t *testing.T) {
+	old := "# B\n\nintro\n\n## Summary\n\ntext\n\n|  | a | b |\n|---|---|---|\n| one | 1 | 1 |\n| two | 2 | 2 |\n\n" +
+		"## 1. first\n\nold first\n\n## 2. second\n\nold second\n\n## Storage: x\n\nkept\n"
+	fresh := "# B\n\nnew intro\n\n## Summary\n\ntext\n\n|  | a | b |\n|---|---|---|\n| two | 20 | 20 |\n| three | 3 | 3 |\n\n" +
+		"## 2. second\n\nnew second\n\n## 9. ninth\n\nnew ninth\n\n"
+	got := mergeReport(old, fresh, []*section{{title: "2. second"}, {title: "9. ninth"}}, "_stamp_")
+	want := "# B\n\nintro\n\n## Summary\n\ntext\n\n|  | a | b |\n|---|---|---|\n| one | 1 | 1 |\n| two | 20 | 20 |\n| three | 3 | 3 |\n\n" +
+		"## 1. first\n\nold first\n\n## 2. second\n\nnew second\n\n_stamp_\n\n## 9. ninth\n\nnew ninth\n\n_stamp_\n\n## Storage: x\n\nkept\n"
+	if got != want {
+		t.Errorf("merged:\n%s\nwant:\n%s", got, want)
+	}
+}
