@@ -258,3 +258,32 @@ func TestMetricsDroppedRecordsByReason(t *testing.T) {
 	s.expect(t, `caddy_headless_dropped_records_total{reason="address",service="`+ref+`"}`, 1)
 	s.expect(t, `caddy_headless_dropped_records_total{reason="bound",service="`+ref+`"}`, 0)
 }
+
+// A TTL that counts down between two lookups of the same answer is a cache
+// in front of the cluster's DNS: the gauge then says how old an answer may be.
+func TestMetricsDNSCacheMaxAge(t *testing.T) {
+	zone := func(ttl int) string {
+		return fmt.Sprintf("frontend.bbs.svc.cluster.local. %d IN A 10.1.0.2\n", ttl)
+	}
+	srv := dnstest.Start(t, zone(30))
+	ctx := newTestContext(t)
+	key, w := startTestWatcher(t, srv, frontend)
+	if err := registerMetrics(ctx, key, w); err != nil {
+		t.Fatal(err)
+	}
+	series := `caddy_headless_dns_cache_max_age_seconds{service="` + frontend + `"}`
+	refresh := func() {
+		t.Helper()
+		rctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if _, err := w.RefreshNow(rctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	refresh() // 30 again: a fresh server
+	gather(t, ctx).expect(t, series, 0)
+	srv.MustSet(t, zone(29))
+	refresh()
+	gather(t, ctx).expect(t, series, 30)
+	gather(t, ctx).expect(t, `caddy_headless_endpoints_set_aside{service="`+frontend+`"}`, 0)
+}

@@ -3,7 +3,9 @@ package proxytest
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
+	"strings"
 	"testing"
 
 	"github.com/caddy-headless/caddy-headless/caddymodule"
@@ -55,5 +57,16 @@ app.bbs.svc.cluster.local. 30 IN A 127.0.0.4
 		if want := e.IP == "127.0.0.4"; e.SetAside != want {
 			t.Errorf("GET /headless/: endpoint %s set_aside %v, want %v", e.Address, e.SetAside, want)
 		}
+	}
+
+	m, err := p.caddy.Client.Get("http://" + p.caddy.Admin + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Body.Close()
+	body, _ := io.ReadAll(m.Body)
+	want := fmt.Sprintf("caddy_headless_endpoints_set_aside{service=%q} 1\n", status[0].Service)
+	if !strings.Contains(string(body), want) {
+		t.Errorf("/metrics has no %q", strings.TrimSpace(want))
 	}
 }
