@@ -293,38 +293,65 @@ func TestCAWriterThatGivesUpReleasesTheLock(t *testing.T) {
 }
 
 // TestCAPairWritersTakeTurns: caddypki renews the intermediate on every
-// replica by storing certificate, then key, with no Load before. Writers
-// of one pair take turns, so the stored pair is always one writer's.
+// replica by storing certificate, then key, with no Load before. Replica A
+// has stored its certificate when replica B stores its pair; A's key comes
+// last. Writers of one pair take turns (B waits for A's key), so the
+// stored pair is one writer's, never B's certificate with A's key.
 func TestCAPairWritersTakeTurns(t *testing.T) {
 	api := kubetest.New(t, "caddy")
-	slowWrites(api)
-	sts := replicas(t, api, "caddy", 3, nil)
+	sts := replicas(t, api, "caddy", 2, nil)
+	a, b := sts[0], sts[1]
 	ctx := context.Background()
 	root, rootKey := generate("root", nil, nil)
-	for round := range 5 {
-		var wg sync.WaitGroup
-		for _, st := range sts {
-			wg.Go(func() {
-				c, k := generate("intermediate", root, rootKey)
-				kp, _ := certmagic.PEMEncodePrivateKey(k)
-				if err := st.Store(ctx, "pki/authorities/local/intermediate.crt", pemCert(c)); err != nil {
-					t.Error(err)
-				}
-				if err := st.Store(ctx, "pki/authorities/local/intermediate.key", kp); err != nil {
-					t.Error(err)
-				}
-			})
+	pair := func() ([]byte, []byte) {
+		c, k := generate("intermediate", root, rootKey)
+		kp, _ := certmagic.PEMEncodePrivateKey(k)
+		return pemCert(c), kp
+	}
+	certA, keyA := pair()
+	certB, keyB := pair()
+	if err := a.Store(ctx, "pki/authorities/local/intermediate.crt", certA); err != nil {
+		t.Fatal(err)
+	}
+	waiting := make(chan struct{}, 1)
+	api.BeforeRequest(func(verb, resource, _ string) {
+		if resource == "leases" && verb == "get" {
+			select {
+			case waiting <- struct{}{}:
+			default:
+			}
 		}
-		wg.Wait()
-		c, _ := sts[0].Load(ctx, "pki/authorities/local/intermediate.crt")
-		kp, _ := sts[0].Load(ctx, "pki/authorities/local/intermediate.key")
-		k, err := certmagic.PEMDecodePrivateKey(kp)
-		if err != nil {
-			t.Fatal(err)
+	})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := b.Store(ctx, "pki/authorities/local/intermediate.crt", certB); err != nil {
+			t.Error(err)
 		}
-		if !k.Public().(*ecdsa.PublicKey).Equal(parseCert(c).PublicKey) {
-			t.Fatalf("round %d: the stored intermediate key is not the stored certificate's", round)
+		if err := b.Store(ctx, "pki/authorities/local/intermediate.key", keyB); err != nil {
+			t.Error(err)
 		}
+	}()
+	select {
+	case <-done: // B did not wait for A
+	case <-waiting: // B waits for the pair's lock
+	}
+	if err := a.Store(ctx, "pki/authorities/local/intermediate.key", keyA); err != nil {
+		t.Fatal(err)
+	}
+	<-done
+	// Load hands out only a complete pair: the certificate with its key.
+	c, err := a.Load(ctx, "pki/authorities/local/intermediate.crt")
+	if err != nil {
+		t.Fatalf("the stored intermediate is not a complete pair (two writers' halves): %v", err)
+	}
+	kp, _ := a.Load(ctx, "pki/authorities/local/intermediate.key")
+	k, err := certmagic.PEMDecodePrivateKey(kp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !k.Public().(*ecdsa.PublicKey).Equal(parseCert(c).PublicKey) {
+		t.Fatal("the stored intermediate key is not the stored certificate's: two writers' halves")
 	}
 }
 
