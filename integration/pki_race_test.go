@@ -95,6 +95,7 @@ func (s *suite) pkiRounds(t *testing.T, ns, token, prefix string, rounds int, ki
 		for _, r := range reps {
 			r.start(t, s)
 		}
+		bad := false // this round: dump the logs
 		victim := -1
 		if kill {
 			select {
@@ -107,6 +108,7 @@ func (s *suite) pkiRounds(t *testing.T, ns, token, prefix string, rounds int, ki
 				lockHeld++
 			} else {
 				t.Errorf("round %d: replica %s is stalled writing %s, but the pair's Lease is held by %q, not by it", round, reps[victim].name, stallKey, holder)
+				bad = true
 			}
 			_ = syscall.Kill(-reps[victim].proc.Pid(), syscall.SIGKILL)
 			<-reps[victim].proc.Done()
@@ -125,6 +127,7 @@ func (s *suite) pkiRounds(t *testing.T, ns, token, prefix string, rounds int, ki
 			}
 			if r.err != nil {
 				failed++
+				bad = true
 				t.Errorf("round %d: replica %s failed to start: %v", round, r.name, r.err)
 				continue
 			}
@@ -132,13 +135,14 @@ func (s *suite) pkiRounds(t *testing.T, ns, token, prefix string, rounds int, ki
 		}
 		if len(roots) > 1 {
 			split++
+			bad = true
 			var who []string
 			for _, names := range roots {
 				who = append(who, strings.Join(names, "+"))
 			}
 			t.Errorf("round %d: the replicas hold %d different roots (%s)", round, len(roots), strings.Join(who, " / "))
 		}
-		if !kill && failed == 0 {
+		if !kill && !bad {
 			startTimes = append(startTimes, time.Since(start))
 			for _, r := range reps {
 				requests = append(requests, apiserverRequestsAt(r.admin))
@@ -148,7 +152,7 @@ func (s *suite) pkiRounds(t *testing.T, ns, token, prefix string, rounds int, ki
 			wg.Go(func() { r.proc.stop() })
 		}
 		wg.Wait()
-		if t.Failed() {
+		if bad {
 			for i, r := range reps {
 				if i != victim {
 					t.Logf("----- round %d replica %s log, last lines -----\n%s", round, r.name, tailFile(r.proc.log, 15))
@@ -215,34 +219,46 @@ func (r *pkiReplica) start(t *testing.T, s *suite) {
 	t.Cleanup(r.proc.stop)
 }
 
-// wait sets r.root once the admin API reports the local CA, or r.err if
-// the replica exits or does not report it within 60s.
+// wait sets r.root once the admin API reports the local CA, or r.err as
+// soon as the replica exits, or if it does not report it within 60s.
 func (r *pkiReplica) wait() {
-	r.err = waitFor(60*time.Second, 50*time.Millisecond, func() error {
+	deadline := time.Now().Add(60 * time.Second)
+	for {
 		if r.proc.exited() {
-			return fmt.Errorf("exited: %v: %s", r.proc.Err(), lastError(r.proc.log))
+			r.err = fmt.Errorf("exited (%v): %s", r.proc.Err(), lastError(r.proc.log))
+			return
 		}
-		resp, err := http.Get(r.admin + "/pki/ca/local")
-		if err != nil {
-			return err
+		root, err := adminRoot(r.admin)
+		if err == nil {
+			r.root = root
+			return
 		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		if resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("GET /pki/ca/local: %s: %s", resp.Status, b)
+		if time.Now().After(deadline) {
+			r.err = fmt.Errorf("no local CA on the admin API after 60s: %v (still running: %s)", err, lastError(r.proc.log))
+			return
 		}
-		var ca struct {
-			Root string `json:"root_certificate"`
-		}
-		if err := json.Unmarshal(b, &ca); err != nil || ca.Root == "" {
-			return fmt.Errorf("GET /pki/ca/local: no root in %s", b)
-		}
-		r.root = ca.Root
-		return nil
-	})
-	if r.err != nil && !r.proc.exited() {
-		r.err = fmt.Errorf("%w (still running: %s)", r.err, lastError(r.proc.log))
+		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// adminRoot is the local CA's root, PEM, from a Caddy admin API.
+func adminRoot(admin string) (string, error) {
+	resp, err := http.Get(admin + "/pki/ca/local")
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("GET /pki/ca/local: %s: %s", resp.Status, b)
+	}
+	var ca struct {
+		Root string `json:"root_certificate"`
+	}
+	if err := json.Unmarshal(b, &ca); err != nil || ca.Root == "" {
+		return "", fmt.Errorf("GET /pki/ca/local: no root in %s", b)
+	}
+	return ca.Root, nil
 }
 
 // lastError is the last line of a Caddy log that reports an error.
