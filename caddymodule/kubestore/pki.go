@@ -84,6 +84,9 @@ func (s *Storage) loadCACert(ctx context.Context, p caPair) ([]byte, error) {
 	// Incomplete: wait for the replica that writes it, or write it ourselves.
 	deadline := time.Now().Add(s.cfg.CAWriteTimeout + s.cfg.LeaseDuration + s.cfg.PollInterval)
 	waited := false
+	// The writer needs milliseconds: look again soon, then back off to
+	// PollInterval (a dead writer is waited for lease_duration).
+	poll := min(50*time.Millisecond, s.cfg.PollInterval)
 	for {
 		ok, lerr := s.TryLock(ctx, p.lock)
 		if lerr != nil && !transient(lerr) {
@@ -115,8 +118,9 @@ func (s *Storage) loadCACert(ctx context.Context, p caPair) ([]byte, error) {
 		select {
 		case <-ctx.Done():
 			return nil, fmt.Errorf("loading %q: waiting for the replica that writes it: %w", p.cert, ctx.Err())
-		case <-time.After(s.cfg.PollInterval):
+		case <-time.After(poll):
 		}
+		poll = min(2*poll, s.cfg.PollInterval)
 		if cert, state, err = s.loadPair(ctx, p); err != nil || state == pairComplete {
 			return cert, err
 		}
