@@ -380,3 +380,25 @@ func TestCAPairWithAnotherKeyIsRegenerated(t *testing.T) {
 		t.Fatal("the root whose key is not stored is still in use")
 	}
 }
+
+// TestCAWaitForALiveWriterIsBounded: the pair's lock is held by a live
+// replica that renews it and never writes (stuck). A replica loading the
+// certificate does not wait forever: it fails, naming the lock and its
+// holder, once CAWriteTimeout plus lease_duration have passed.
+func TestCAWaitForALiveWriterIsBounded(t *testing.T) {
+	api := kubetest.New(t, "caddy")
+	sts := replicas(t, api, "caddy", 1, nil)
+	c := api.Config("caddy")
+	c.Identity, c.CAWriteTimeout = "waiter", 100*time.Millisecond
+	waiter := mustNew(t, c, nil)
+	ctx := context.Background()
+	if err := sts[0].Lock(ctx, "pki_local_root"); err != nil {
+		t.Fatal(err)
+	}
+	defer sts[0].Unlock(ctx, "pki_local_root")
+	_, err := waiter.Load(ctx, "pki/authorities/local/root.crt")
+	if err == nil || errors.Is(err, fs.ErrNotExist) || !strings.Contains(err.Error(), "pki_local_root") || !strings.Contains(err.Error(), "replica-0/") {
+		t.Fatalf("Load while a live replica holds the pair's lock and never writes: %v; want an error naming the lock and replica-0", err)
+	}
+	t.Logf("the error: %v", err)
+}
