@@ -71,15 +71,21 @@ func caPairOf(key string) (p caPair, isCert, ok bool) {
 // pairWrites are the pair locks this Storage took for a write it expects
 // caddypki to finish (by storing the key).
 type pairWrites struct {
-	mu sync.Mutex
-	m  map[string]*time.Timer // lock name → release after CAWriteTimeout
+	mu   sync.Mutex
+	m    map[string]*time.Timer // lock name → release after CAWriteTimeout
+	keys map[string]readKey     // key storage key → read with the certificate handed out
+}
+
+type readKey struct {
+	value []byte
+	at    time.Time
 }
 
 // loadCACert is Load for the certificate of a pair.
 func (s *Storage) loadCACert(ctx context.Context, p caPair) ([]byte, error) {
-	cert, state, err := s.loadPair(ctx, p)
+	cert, key, state, err := s.loadPair(ctx, p)
 	if err != nil || state == pairComplete {
-		return cert, err
+		return s.handOut(p, cert, key, err)
 	}
 	// Incomplete: wait for the replica that writes it, or write it ourselves.
 	deadline := time.Now().Add(s.cfg.CAWriteTimeout + s.cfg.LeaseDuration + s.cfg.PollInterval)
@@ -93,10 +99,10 @@ func (s *Storage) loadCACert(ctx context.Context, p caPair) ([]byte, error) {
 			return nil, fmt.Errorf("loading %q: %w", p.cert, lerr)
 		}
 		if ok {
-			cert, state, err = s.loadPair(ctx, p)
+			cert, key, state, err = s.loadPair(ctx, p)
 			if err != nil || state == pairComplete {
 				s.unlockPair(p.lock)
-				return cert, err
+				return s.handOut(p, cert, key, err)
 			}
 			if state != pairAbsent {
 				s.logger.Warn("CA certificate without its key (a replica died between the two writes, or the key was removed): generating the pair again",
@@ -121,8 +127,8 @@ func (s *Storage) loadCACert(ctx context.Context, p caPair) ([]byte, error) {
 		case <-time.After(poll):
 		}
 		poll = min(2*poll, s.cfg.PollInterval)
-		if cert, state, err = s.loadPair(ctx, p); err != nil || state == pairComplete {
-			return cert, err
+		if cert, key, state, err = s.loadPair(ctx, p); err != nil || state == pairComplete {
+			return s.handOut(p, cert, key, err)
 		}
 	}
 }
@@ -140,27 +146,64 @@ func (st pairState) String() string {
 	return [...]string{"absent", "no key", "key does not match the certificate", "complete"}[st]
 }
 
-// loadPair reads both halves of p; cert is the certificate if there is one.
-func (s *Storage) loadPair(ctx context.Context, p caPair) (cert []byte, _ pairState, _ error) {
+// loadPair reads both halves of p: the certificate if there is one, the
+// key if there is one.
+func (s *Storage) loadPair(ctx context.Context, p caPair) (cert, key []byte, _ pairState, _ error) {
 	c, err := s.load(ctx, p.cert)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil, pairAbsent, nil
+		return nil, nil, pairAbsent, nil
 	}
 	if err != nil {
-		return nil, 0, err
+		return nil, nil, 0, err
 	}
 	cert = c.Data[dataField]
 	k, err := s.load(ctx, p.key)
 	if errors.Is(err, fs.ErrNotExist) {
-		return cert, pairNoKey, nil
+		return cert, nil, pairNoKey, nil
 	}
 	if err != nil {
-		return nil, 0, err
+		return nil, nil, 0, err
 	}
-	if !keyMatches(cert, k.Data[dataField]) {
-		return cert, pairMismatched, nil
+	key = k.Data[dataField]
+	if !keyMatches(cert, key) {
+		return cert, key, pairMismatched, nil
 	}
-	return cert, pairComplete, nil
+	return cert, key, pairComplete, nil
+}
+
+// handOut returns a complete pair's certificate and keeps its key for the
+// Load of the key that caddypki sends next, so that the key it gets is the
+// one read with the certificate even if a renewal lands between its two
+// Loads (and the key is not read twice).
+func (s *Storage) handOut(p caPair, cert, key []byte, err error) ([]byte, error) {
+	if err != nil {
+		return nil, err
+	}
+	s.pairs.mu.Lock()
+	if s.pairs.keys == nil {
+		s.pairs.keys = map[string]readKey{}
+	}
+	s.pairs.keys[p.key] = readKey{value: key, at: time.Now()}
+	s.pairs.mu.Unlock()
+	return cert, nil
+}
+
+// loadCAKey is Load for the key of a pair: the key read with the
+// certificate just handed out (once, and only for a short while), else the
+// stored one.
+func (s *Storage) loadCAKey(ctx context.Context, p caPair) ([]byte, error) {
+	s.pairs.mu.Lock()
+	k, ok := s.pairs.keys[p.key]
+	delete(s.pairs.keys, p.key)
+	s.pairs.mu.Unlock()
+	if ok && time.Since(k.at) < s.cfg.RequestTimeout {
+		return k.value, nil
+	}
+	sec, err := s.load(ctx, p.key)
+	if err != nil {
+		return nil, err
+	}
+	return sec.Data[dataField], nil
 }
 
 // keyMatches reports whether the private key in keyPEM belongs to the first

@@ -194,7 +194,8 @@ func TestCAIsCreatedOnceByReplicasStartingTogether(t *testing.T) {
 }
 
 // TestCAStartWithAllKeysPresentTouchesNoLease: once the pairs exist, a start
-// reads Secrets only: six GETs (four before this rule), no Lease request.
+// reads Secrets only: four GETs, as without this rule (the key read with
+// the certificate answers caddypki's Load of the key), no Lease request.
 func TestCAStartWithAllKeysPresentTouchesNoLease(t *testing.T) {
 	api := kubetest.New(t, "caddy")
 	st := replicas(t, api, "caddy", 1, nil)[0]
@@ -215,8 +216,8 @@ func TestCAStartWithAllKeysPresentTouchesNoLease(t *testing.T) {
 			gets++
 		}
 	}
-	if gets != 6 || len(reqs) != 6 {
-		t.Fatalf("a start with the CA complete sent %d requests (%d Secret GETs), want 6 GETs: %q", len(reqs), gets, reqs)
+	if gets != 4 || len(reqs) != 4 {
+		t.Fatalf("a start with the CA complete sent %d requests (%d Secret GETs), want 4 GETs: %q", len(reqs), gets, reqs)
 	}
 }
 
@@ -401,4 +402,58 @@ func TestCAWaitForALiveWriterIsBounded(t *testing.T) {
 		t.Fatalf("Load while a live replica holds the pair's lock and never writes: %v; want an error naming the lock and replica-0", err)
 	}
 	t.Logf("the error: %v", err)
+}
+
+// TestCAKeyIsTheOneReadWithTheCertificate: replica B starts while A renews
+// the intermediate: B's caddypki has loaded the certificate when A stores
+// a new pair, and loads the key after. B gets the key that belongs to the
+// certificate it holds, not the renewed one.
+func TestCAKeyIsTheOneReadWithTheCertificate(t *testing.T) {
+	api := kubetest.New(t, "caddy")
+	sts := replicas(t, api, "caddy", 2, nil)
+	a, b := sts[0], sts[1]
+	ctx := context.Background()
+	root, err := provisionCA(ctx, a, "local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	certPEM, err := b.Load(ctx, "pki/authorities/local/intermediate.crt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A renews: a new intermediate, certificate then key.
+	rootKeyPEM := mustLoad(t, a, "pki/authorities/local/root.key")
+	rootKey, _ := certmagic.PEMDecodePrivateKey(rootKeyPEM)
+	c2, k2 := generate("intermediate", root, rootKey)
+	kp2, _ := certmagic.PEMEncodePrivateKey(k2)
+	if err := a.Store(ctx, "pki/authorities/local/intermediate.crt", pemCert(c2)); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Store(ctx, "pki/authorities/local/intermediate.key", kp2); err != nil {
+		t.Fatal(err)
+	}
+	keyPEM, err := b.Load(ctx, "pki/authorities/local/intermediate.key")
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := certmagic.PEMDecodePrivateKey(keyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !k.Public().(*ecdsa.PublicKey).Equal(parseCert(certPEM).PublicKey) {
+		t.Fatal("B holds the old intermediate certificate with the renewed key")
+	}
+	// Only once: a later Load of the key reads the stored (renewed) one.
+	if again := mustLoad(t, b, "pki/authorities/local/intermediate.key"); string(again) != string(kp2) {
+		t.Fatal("a second Load of the key did not read the stored key")
+	}
+}
+
+func mustLoad(t *testing.T, st *kubestore.Storage, key string) []byte {
+	t.Helper()
+	v, err := st.Load(context.Background(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
 }

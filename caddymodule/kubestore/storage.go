@@ -181,8 +181,11 @@ func notExist(key string) error {
 // (pki.go).
 func (s *Storage) Load(ctx context.Context, key string) (_ []byte, err error) {
 	defer observe("load", time.Now(), &err)
-	if p, isCert, ok := caPairOf(key); ok && isCert {
-		return s.loadCACert(ctx, p)
+	if p, isCert, ok := caPairOf(key); ok {
+		if isCert {
+			return s.loadCACert(ctx, p)
+		}
+		return s.loadCAKey(ctx, p)
 	}
 	sec, err := s.load(ctx, key)
 	if err != nil {
