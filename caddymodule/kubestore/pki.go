@@ -41,8 +41,10 @@ import (
 //     A live replica that never stores the key (its write failed) releases it
 //     when its config is cleaned up, and at the latest after CAWriteTimeout.
 //
-// A start that finds the pairs complete costs one extra GET per pair (the
-// key, to see it exists and matches) and never touches a Lease.
+// The key read with a certificate handed out answers caddypki's Load of
+// the key that follows, so a start that finds the pairs complete sends the
+// same four GETs as without this rule, and caddypki gets the key it was
+// shown with the certificate even if a renewal lands between its Loads.
 
 // caPair names the keys and the lock of one pair of a caddypki authority.
 type caPair struct {
@@ -69,7 +71,8 @@ func caPairOf(key string) (p caPair, isCert, ok bool) {
 }
 
 // pairWrites are the pair locks this Storage took for a write it expects
-// caddypki to finish (by storing the key).
+// caddypki to finish (by storing the key), and the keys read with the
+// certificates it handed out.
 type pairWrites struct {
 	mu   sync.Mutex
 	m    map[string]*time.Timer // lock name → release after CAWriteTimeout
