@@ -176,6 +176,17 @@ func (s *K8sStorage) Provision(ctx caddy.Context) error {
 	return nil
 }
 
+// Cleanup releases the locks of Caddy CA key pairs that this config's
+// storage took and did not finish writing (a config that failed to load
+// while creating its CA), so other replicas need not wait for them to time
+// out.
+func (s *K8sStorage) Cleanup() error {
+	if s.store != nil {
+		s.store.ReleaseCAWrites()
+	}
+	return nil
+}
+
 // CertMagicStorage returns the storage for certmagic.
 func (s *K8sStorage) CertMagicStorage() (certmagic.Storage, error) {
 	if s.store == nil {
@@ -246,6 +257,7 @@ func (s *K8sStorage) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 var (
 	_ caddy.Provisioner      = (*K8sStorage)(nil)
 	_ caddy.StorageConverter = (*K8sStorage)(nil)
+	_ caddy.CleanerUpper     = (*K8sStorage)(nil)
 	_ caddyfile.Unmarshaler  = (*K8sStorage)(nil)
 	_ certmagic.TryLocker    = (*kubestore.Storage)(nil)
 )

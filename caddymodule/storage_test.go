@@ -1,19 +1,26 @@
 package caddymodule
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
+	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddypki"
+	"go.uber.org/zap"
 
 	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore"
 	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore/kubetest"
@@ -184,4 +191,92 @@ func fakeServiceAccount(t *testing.T, api *kubetest.API, ns string) string {
 		t.Fatal(err)
 	}
 	return dir
+}
+
+// TestStorageK8sOneLocalCAForReplicasStartingTogether runs Caddy's own
+// caddypki (v2.11.9, unchanged) in three "replicas" (three storage k8s
+// modules with their own identities) that provision the local CA at the
+// same moment on fresh storage, 10 rounds: every provisioning succeeds and
+// all three hold one root, the stored one.
+func TestStorageK8sOneLocalCAForReplicasStartingTogether(t *testing.T) {
+	api := kubetest.New(t, "caddy")
+	api.BeforeRequest(func(verb, resource, _ string) { // a busy apiserver: wider windows
+		if resource == "secrets" && (verb == "create" || verb == "update") {
+			time.Sleep(5 * time.Millisecond)
+		}
+	})
+	c := api.Config("caddy")
+	for round := range 10 {
+		prefix := fmt.Sprintf("round-%d", round)
+		roots := make([][]byte, 3)
+		errs := make([]error, 3)
+		var wg sync.WaitGroup
+		gate := make(chan struct{})
+		for i := range 3 {
+			wg.Go(func() {
+				raw, _ := json.Marshal(map[string]any{"module": "k8s", "endpoint": c.Endpoint, "ca_file": c.CAFile, "token_file": c.TokenFile,
+					"namespace": "caddy", "prefix": prefix, "identity": fmt.Sprintf("replica-%d", i)})
+				ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+				defer cancel()
+				ca := &caddypki.CA{StorageRaw: raw}
+				<-gate
+				if errs[i] = ca.Provision(ctx, "local", zap.NewNop()); errs[i] == nil {
+					roots[i] = ca.RootCertificate().Raw
+				}
+			})
+		}
+		close(gate)
+		wg.Wait()
+		for i, err := range errs {
+			if err != nil {
+				t.Errorf("round %d: replica %d: provisioning CA 'local': %v", round, i, err)
+			}
+		}
+		if !bytes.Equal(roots[0], roots[1]) || !bytes.Equal(roots[1], roots[2]) {
+			t.Errorf("round %d: the three replicas hold different roots", round)
+		}
+	}
+	if n := len(api.LeaseNames("caddy")); n != 0 {
+		t.Fatalf("%d Leases left after the CAs were provisioned", n)
+	}
+}
+
+// TestStorageK8sCleanupReleasesAnUnfinishedCA: a config found the local
+// CA's root missing (so its storage holds the pair's lock) and then failed
+// to load; its Cleanup releases the lock, and another replica provisions
+// the CA without waiting for the write timeout.
+func TestStorageK8sCleanupReleasesAnUnfinishedCA(t *testing.T) {
+	api := kubetest.New(t, "caddy")
+	c := api.Config("caddy")
+	module := func(identity string) *K8sStorage {
+		s := &K8sStorage{Namespace: "caddy", Endpoint: c.Endpoint, CAFile: c.CAFile, TokenFile: c.TokenFile, Identity: identity,
+			LeaseDuration: caddy.Duration(time.Hour), RenewInterval: caddy.Duration(time.Minute)}
+		ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+		t.Cleanup(cancel)
+		if err := s.Provision(ctx); err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	failed := module("failed")
+	st, _ := failed.CertMagicStorage()
+	if _, err := st.Load(context.Background(), "pki/authorities/local/root.crt"); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("Load of the root on fresh storage: %v", err)
+	}
+	if n := len(api.LeaseNames("caddy")); n != 1 {
+		t.Fatalf("%d Leases while the root is to be written, want its pair's lock", n)
+	}
+	if err := failed.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(api.LeaseNames("caddy")); n != 0 {
+		t.Fatalf("%d Leases after the failed config's Cleanup: the others would wait for the write timeout", n)
+	}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	raw, _ := json.Marshal(map[string]any{"module": "k8s", "endpoint": c.Endpoint, "ca_file": c.CAFile, "token_file": c.TokenFile,
+		"namespace": "caddy", "identity": "other"})
+	if err := (&caddypki.CA{StorageRaw: raw}).Provision(ctx, "local", zap.NewNop()); err != nil {
+		t.Fatalf("provisioning after the failed config's cleanup: %v", err)
+	}
 }

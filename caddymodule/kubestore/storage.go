@@ -31,6 +31,11 @@ type Config struct {
 	RequestTimeout time.Duration // one apiserver request
 	PollInterval   time.Duration // how often a waiting Lock looks again
 
+	// CAWriteTimeout bounds how long a live replica that found one of
+	// Caddy's CA key pairs missing keeps the others waiting for it to write
+	// the pair (see pki.go). Zero: 2 minutes.
+	CAWriteTimeout time.Duration
+
 	// Now is the wall clock written into objects (modified times, Lease
 	// times) for humans and for Stat. Expiry never depends on it. Nil: time.Now.
 	Now func() time.Time `json:"-"`
@@ -42,6 +47,7 @@ type Storage struct {
 	cfg    Config
 	api    *client
 	logger *zap.Logger
+	pairs  pairWrites // CA key pairs this Storage is writing
 }
 
 // New checks cfg and builds the storage. It reads the CA and token files
@@ -67,6 +73,9 @@ func New(cfg Config, logger *zap.Logger) (*Storage, error) {
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
+	}
+	if cfg.CAWriteTimeout <= 0 {
+		cfg.CAWriteTimeout = 2 * time.Minute
 	}
 	if logger == nil {
 		logger = zap.NewNop()
@@ -99,9 +108,17 @@ func (s *Storage) owned(sec *secret, key string) error {
 	return nil
 }
 
-// Store puts value at key, creating or replacing its Secret.
+// Store puts value at key, creating or replacing its Secret. The keys of
+// Caddy's local CA are written a pair at a time (pki.go).
 func (s *Storage) Store(ctx context.Context, key string, value []byte) (err error) {
 	defer observe("store", time.Now(), &err)
+	if p, isCert, ok := caPairOf(key); ok {
+		return s.storeCAPair(ctx, p, isCert, value)
+	}
+	return s.store(ctx, key, value)
+}
+
+func (s *Storage) store(ctx context.Context, key string, value []byte) error {
 	if err := checkKey(key); err != nil {
 		return err
 	}
@@ -159,9 +176,17 @@ func notExist(key string) error {
 	return &fs.PathError{Op: "load", Path: key, Err: fs.ErrNotExist}
 }
 
-// Load returns the value at key, or an fs.ErrNotExist error.
+// Load returns the value at key, or an fs.ErrNotExist error. The
+// certificate of one of Caddy's CA key pairs is returned only with its key
+// (pki.go).
 func (s *Storage) Load(ctx context.Context, key string) (_ []byte, err error) {
 	defer observe("load", time.Now(), &err)
+	if p, isCert, ok := caPairOf(key); ok {
+		if isCert {
+			return s.loadCACert(ctx, p)
+		}
+		return s.loadCAKey(ctx, p)
+	}
 	sec, err := s.load(ctx, key)
 	if err != nil {
 		return nil, err
