@@ -101,6 +101,46 @@ func (s *suite) startNodeLocalCache(t *testing.T) string {
 	return addr
 }
 
+// startCoreDNSDefaultTTL runs a CoreDNS whose kubernetes plugin reads the
+// suite's apiserver with its default TTL of 5 s, and returns its address.
+func (s *suite) startCoreDNSDefaultTTL(t *testing.T) string {
+	t.Helper()
+	port, err := freePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ready, err := freePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf := filepath.Join(t.TempDir(), "Corefile")
+	if err := os.WriteFile(cf, []byte(fmt.Sprintf(`cluster.local:%d {
+	bind 127.0.0.1
+	errors
+	ready 127.0.0.1:%d
+	kubernetes cluster.local {
+		kubeconfig %s e2e
+	}
+}
+`, port, ready, s.kubeconfig)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p, err := startProcess(s.dir, fmt.Sprintf("coredns-ttl5-%d", port), nil, s.tool("coredns"), "-conf", cf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.stop)
+	if err := waitFor(60*time.Second, 200*time.Millisecond, func() error {
+		if p.exited() {
+			return fmt.Errorf("CoreDNS (ttl 5) exited: %v\n%s", p.Err(), p.tail(20))
+		}
+		return httpOK(http.DefaultClient, fmt.Sprintf("http://127.0.0.1:%d/ready", ready), "")
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("127.0.0.1:%d", port)
+}
+
 // attempt is one request of a loop.
 type attempt struct {
 	start time.Time
