@@ -158,6 +158,8 @@ type Watcher struct {
 	warned  warnings      // owned by the run goroutine
 
 	prober *Prober // nil without health checks
+
+	traffic traffic // requests handed out (traffic.go)
 }
 
 // ErrNotResolved is returned while a Service has never been resolved.
