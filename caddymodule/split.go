@@ -180,13 +180,18 @@ func (h *Headless) newSplit(mods []caddy.Module) (*discovery.Split, splitDraw) {
 			// The cookie names an endpoint (an HMAC of its address): its
 			// Service serves the client while it has it.
 			return rand.Float64(), sp.Holding(func(dial string) bool {
-				m := hmac.New(sha256.New, []byte(secret))
-				m.Write([]byte(dial))
-				return hex.EncodeToString(m.Sum(nil)) == c.Value
+				return hmac.Equal([]byte(hmacHex(secret, dial)), []byte(c.Value))
 			})
 		}
 	}
 	return sp, random
+}
+
+// hmacHex is the cookie policy's value for the endpoint dial.
+func hmacHex(secret, dial string) string {
+	m := hmac.New(sha256.New, []byte(secret))
+	m.Write([]byte(dial))
+	return hex.EncodeToString(m.Sum(nil))
 }
 
 // unitHash maps key to [0,1) with 64-bit FNV-1a, the same on every replica

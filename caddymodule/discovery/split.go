@@ -40,42 +40,20 @@ type Split struct {
 	ByEndpoints bool
 }
 
-// maxSplitMembers bounds the Services of one Split (checked by the config),
+// maxSplitMembers bounds the Services of one Split (the config checks it),
 // so that the request path draws without allocating.
 const maxSplitMembers = 16
 
 // MaxSplitServices is the most Services one Split may hold.
 const MaxSplitServices = maxSplitMembers
 
-// Validate checks the members' weights.
-func (sp *Split) Validate() error {
-	if len(sp.Members) < 2 || len(sp.Members) > maxSplitMembers {
-		return fmt.Errorf("a split needs 2 to %d Services, got %d", maxSplitMembers, len(sp.Members))
-	}
-	if sp.ByEndpoints {
-		return nil
-	}
-	primaries := 0
-	for _, m := range sp.Members {
-		switch {
-		case m.Weight < 0:
-			return fmt.Errorf("weight of %s must not be negative, got %d", m.Watcher.cfg.Service, m.Weight)
-		case m.Weight > 0:
-			primaries++
-		}
-	}
-	if primaries == 0 {
-		return errors.New("every weight is 0 (backup): give at least one Service a weight above 0")
-	}
-	return nil
-}
-
 // usable is how many endpoints of w a request may go to without failing
 // open: those DNS returns, and of them those passing health checks if there
-// are checks. 0 before the first answer. O(1).
+// are checks. 0 before the first answer: until then the others serve. O(1).
 func (w *Watcher) usable() int {
 	s := w.snap.Load()
 	if s == nil {
+		w.Run() // a request before the config started (Run is once)
 		return 0
 	}
 	n := len(s.Endpoints)
