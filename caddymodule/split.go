@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -72,10 +73,12 @@ func (h *Headless) configs(det discovery.Detected) ([]discovery.Config, error) {
 	case weighted != 0 && weighted != len(h.Services):
 		return nil, fmt.Errorf("headless %s: give a weight to every Service or to none (%d of %d have one)", h.names(), weighted, len(h.Services))
 	case weighted != 0 && primaries == 0:
-		return nil, fmt.Errorf("headless %s: every weight is 0 (a backup): give at least one Service a weight above 0", h.names())
+		return nil, fmt.Errorf("headless %s: %s", h.names(), errAllBackups)
 	}
 	return out, nil
 }
+
+const errAllBackups = "every weight is 0 (a backup): give at least one Service a weight above 0"
 
 // checkPolicy refuses lb_policy weighted_round_robin on the reverse_proxy
 // handler above the source (in mods, from the root down): it weighs the
@@ -250,6 +253,9 @@ func (h *Headless) unmarshalWeights(d *caddyfile.Dispenser) error {
 			return d.Errf("headless: weights: %q is not a weight (a whole number, 0 for a backup)", a)
 		}
 		h.Services[i].Weight = &w
+	}
+	if !slices.ContainsFunc(h.Services, func(ws WeightedService) bool { return *ws.Weight > 0 }) {
+		return d.Errf("headless %s: %s", h.names(), errAllBackups) // configs checks it too, at the block's end
 	}
 	return nil
 }

@@ -169,4 +169,3 @@ func TestSplitCandidates(t *testing.T) {
 		t.Fatalf("all unhealthy: %v, %v; want sick's endpoints (fail open)", eps, err)
 	}
 }
-
