@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"bytes"
 	"fmt"
 	"math"
 	"net/http/httptest"
@@ -8,6 +9,8 @@ import (
 	"testing"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/common/expfmt"
 
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
 )
@@ -224,6 +227,11 @@ func TestSplitBackupOnly(t *testing.T) {
 	if st := statusOf(src.uses[0].watcher, 1); !st.Traffic.BackupInUse || st.Traffic.BackupRequests != 500 {
 		t.Fatalf("status of the backup: %+v", st.Traffic)
 	}
+	m := scrapeSource(t, src)
+	m.expect(t, `caddy_headless_backup_in_use{service="vm.bbs.svc.cluster.local:8080"}`, 1)
+	m.expect(t, `caddy_headless_backup_requests_total{service="vm.bbs.svc.cluster.local:8080"}`, 500)
+	m.expect(t, `caddy_headless_requests_total{service="vm.bbs.svc.cluster.local:8080"}`, 500)
+	m.expect(t, `caddy_headless_requests_total{service="pods.bbs.svc.cluster.local:8080"}`, 500)
 	srv.MustSet(t, vmZone+podZone)
 	if _, err := src.uses[1].watcher.RefreshNow(t.Context()); err != nil {
 		t.Fatal(err)
@@ -242,4 +250,28 @@ func TestSplitBackupOnly(t *testing.T) {
 	if st := statusOf(src.uses[0].watcher, 1); st.Traffic.BackupInUse {
 		t.Fatalf("backup still in use: %+v", st.Traffic)
 	}
+	scrapeSource(t, src).expect(t, `caddy_headless_backup_in_use{service="vm.bbs.svc.cluster.local:8080"}`, 0)
+}
+
+// scrapeSource reads the metrics of src's watchers from a registry of
+// their own.
+func scrapeSource(t *testing.T, src *Headless) scrape {
+	t.Helper()
+	c := newServiceCollector()
+	for _, u := range src.uses {
+		c.add(u.key, u.watcher)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(c)
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	for _, f := range families {
+		if _, err := expfmt.MetricFamilyToText(&buf, f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return parseScrape(t, buf.Bytes())
 }
