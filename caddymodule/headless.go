@@ -203,6 +203,7 @@ func (h *Headless) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
+	events := eventsOf(ctx)
 	for _, cfg := range cfgs {
 		key := cfg.Key()
 		val, _, err := watchers.LoadOrNew(key, func() (caddy.Destructor, error) {
@@ -215,9 +216,13 @@ func (h *Headless) Provision(ctx caddy.Context) error {
 		if app != nil {
 			app.add(w)
 		}
-		// Until Cleanup: if this config fails to load, logging goes back to the
-		// config that runs.
+		// Until Cleanup: if this config fails to load, logging (and events)
+		// go back to the config that runs.
 		use := serviceUse{key: key, watcher: w, detach: w.AttachLogger(ctx.Logger())}
+		if events != nil {
+			detachLogger, detachEvents := use.detach, w.AttachEvents(emitter(ctx, events))
+			use.detach = func() { detachEvents(); detachLogger() }
+		}
 		h.uses = append(h.uses, use)
 		if err := registerMetrics(ctx, key, w); err != nil {
 			return err

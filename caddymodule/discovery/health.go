@@ -207,8 +207,9 @@ type Prober struct {
 	stopped bool
 	started bool // seen a snapshot: endpoints discovered later ramp up
 
-	stats   *stats           // the Watcher's; nil in tests of the Prober alone
-	observe func(CheckEvent) // tests: called after every probe, under mu
+	stats   *stats                                // the Watcher's; nil in tests of the Prober alone
+	observe func(CheckEvent)                      // tests: called after every probe, under mu
+	changed func(ev CheckEvent, prev HealthState) // the Watcher's events; after a change, not under mu
 }
 
 // probeState is one endpoint's state; a pointer that identifies the endpoint's
@@ -419,6 +420,9 @@ func (p *Prober) probe(st *probeState) {
 
 	if changed {
 		p.logChange(ev, prev)
+		if p.changed != nil {
+			p.changed(ev, prev)
+		}
 	}
 }
 

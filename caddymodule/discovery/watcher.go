@@ -159,7 +159,8 @@ type Watcher struct {
 
 	prober *Prober // nil without health checks
 
-	traffic traffic // requests handed out (traffic.go)
+	traffic   traffic   // requests handed out (traffic.go)
+	listeners listeners // of events (events.go)
 }
 
 // ErrNotResolved is returned while a Service has never been resolved.
@@ -205,6 +206,7 @@ func New(cfg Config, logger *zap.Logger) *Watcher {
 	if cfg.Health != nil {
 		w.prober = newProber(*cfg.Health, cfg.Service, &w.logger)
 		w.prober.stats = &w.stats
+		w.prober.changed = w.emitHealth
 	}
 	w.ctx = ctx
 	return w
@@ -332,11 +334,12 @@ func (w *Watcher) publish(s *Snapshot) {
 		// Before the snapshot is visible, so its health view is there too.
 		w.prober.update(s)
 	}
-	w.snap.Store(s)
+	prev := w.snap.Swap(s)
 	w.mu.Lock()
 	close(w.published)
 	w.published = make(chan struct{})
 	w.mu.Unlock()
+	w.emitChange(prev, s)
 }
 
 func (w *Watcher) run(ctx context.Context) {
