@@ -31,7 +31,7 @@ func splitJSON(resolver, policy string, weights []int, extra string) string {
 }
 
 // resolved waits for the first answer of every Service of h's source.
-func resolved(t *testing.T, h *reverseproxy.Handler) *Headless {
+func resolved(t testing.TB, h *reverseproxy.Handler) *Headless {
 	t.Helper()
 	src := h.DynamicUpstreams.(*Headless)
 	for _, u := range src.uses {
