@@ -275,3 +275,38 @@ func scrapeSource(t *testing.T, src *Headless) scrape {
 	}
 	return parseScrape(t, buf.Bytes())
 }
+
+// The JSON form is checked where Provision checks it (configs), with errors
+// that name the field and the Services.
+func TestSplitConfigErrors(t *testing.T) {
+	w := func(n int) *int { return &n }
+	svc := func(name string, weight *int) WeightedService { return WeightedService{Service: name, Weight: weight} }
+	var many []WeightedService
+	for i := range 17 {
+		many = append(many, svc(fmt.Sprintf("s%d.bbs:80", i), nil))
+	}
+	for _, tc := range []struct {
+		name string
+		h    Headless
+		want string // "" for none
+	}{
+		{"weighted", Headless{Services: []WeightedService{svc("vm.bbs:80", w(90)), svc("pods.bbs:80", w(10))}}, ""},
+		{"backup", Headless{Services: []WeightedService{svc("vm.bbs:80", w(0)), svc("pods.bbs:80", w(1))}}, ""},
+		{"no weights", Headless{Services: []WeightedService{svc("vm.bbs:80", nil), svc("pods.bbs:80", nil)}}, ""},
+		{"all backups", Headless{Services: []WeightedService{svc("vm.bbs:80", w(0)), svc("pods.bbs:80", w(0))}}, "headless vm.bbs:80, pods.bbs:80: every weight is 0"},
+		{"some weights", Headless{Services: []WeightedService{svc("vm.bbs:80", w(1)), svc("pods.bbs:80", nil)}}, "give a weight to every Service or to none (1 of 2 have one)"},
+		{"negative", Headless{Services: []WeightedService{svc("vm.bbs:80", w(-1)), svc("pods.bbs:80", w(1))}}, "headless vm.bbs:80: weight must be 0 (a backup) or more, got -1"},
+		{"huge", Headless{Services: []WeightedService{svc("vm.bbs:80", w(2_000_000)), svc("pods.bbs:80", w(1))}}, "weight must be at most 1000000"},
+		{"twice", Headless{Services: []WeightedService{svc("vm.bbs:80", nil), svc("vm.bbs.svc.cluster.local:80", nil)}}, `vm.bbs.svc.cluster.local:80 is named twice (as "vm.bbs:80" and "vm.bbs.svc.cluster.local:80")`},
+		{"both forms", Headless{Service: "x.bbs:80", Services: []WeightedService{svc("vm.bbs:80", nil)}}, "set service (one Service) or services (several), not both"},
+		{"bad service", Headless{Services: []WeightedService{svc("vm.bbs", nil), svc("pods.bbs:80", nil)}}, "missing port"},
+		{"17", Headless{Services: many}, "at most 16 services per source, got 17"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := tc.h.configs(caddyfileEnv)
+			if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
+				t.Fatalf("configs = %v, want %q", err, tc.want)
+			}
+		})
+	}
+}

@@ -100,11 +100,11 @@ func TestSplitPick(t *testing.T) {
 
 // Raising the last Service's weight keeps the draws that were on it on it:
 // a client whose key hashes there does not move back and forth as the
-// weight goes 1, 5, 25, 100.
+// weight goes 1, 5, 25, 50, 75, 100.
 func TestSplitPickNested(t *testing.T) {
 	vm, pods := splitWatcher(t, "vm", 1, 1, -1), splitWatcher(t, "pods", 2, 5, -1)
 	prev := map[int]bool{}
-	for _, pct := range []int{1, 5, 25, 100} {
+	for _, pct := range []int{1, 5, 25, 50, 75, 100} {
 		sp := &Split{Members: []SplitMember{{Watcher: vm, Weight: 100 - pct}, {Watcher: pods, Weight: pct}}}
 		for k := range 1000 {
 			i, _ := sp.Pick((float64(k) + 0.5) / 1000)
