@@ -22,7 +22,8 @@ type traffic struct {
 // endpointCounts are the counters of one set of endpoints, a snapshot's.
 type endpointCounts struct {
 	of []Endpoint // the Snapshot.Endpoints they were made for
-	m  map[string]*atomic.Uint64
+	at map[string]int32
+	n  []atomic.Uint64 // by at[dial]
 }
 
 // Traffic is what a Watcher has handed out since it started.
@@ -50,8 +51,8 @@ func (w *Watcher) Traffic() Traffic {
 		ByEndpoint:  map[string]uint64{},
 	}
 	if c := w.countsFor(w.snap.Load()); c != nil {
-		for dial, n := range c.m {
-			t.ByEndpoint[dial] = n.Load()
+		for dial, i := range c.at {
+			t.ByEndpoint[dial] = c.n[i].Load()
 		}
 	}
 	return t
@@ -65,15 +66,18 @@ func (w *Watcher) count(eps []Endpoint) {
 		return
 	}
 	for i := range eps {
-		if n := c.m[eps[i].Dial]; n != nil {
-			n.Add(1)
+		if j, ok := c.at[eps[i].Dial]; ok {
+			c.n[j].Add(1)
 		}
 	}
 }
 
 // countsFor returns the counters of s's endpoints, made (once per DNS
 // answer, keeping the counts of the endpoints that stay) if s is newer
-// than the ones there are.
+// than the ones there are. An answer with the same endpoints keeps the
+// counters themselves; one with other endpoints copies the counts of those
+// that stay (requests counted on the old ones meanwhile, a few at most,
+// are lost).
 func (w *Watcher) countsFor(s *Snapshot) *endpointCounts {
 	if s == nil || len(s.Endpoints) == 0 {
 		return nil
@@ -82,19 +86,34 @@ func (w *Watcher) countsFor(s *Snapshot) *endpointCounts {
 	if old != nil && len(old.of) == len(s.Endpoints) && &old.of[0] == &s.Endpoints[0] {
 		return old
 	}
-	c := &endpointCounts{of: s.Endpoints, m: make(map[string]*atomic.Uint64, len(s.Endpoints))}
-	for _, e := range s.Endpoints {
-		n := (*atomic.Uint64)(nil)
+	if old != nil && len(old.at) == len(s.Endpoints) && sameDials(old.at, s.Endpoints) {
+		// The usual new answer: the same endpoints. Keep the counters.
+		c := &endpointCounts{of: s.Endpoints, at: old.at, n: old.n}
+		if w.traffic.byEndpoint.CompareAndSwap(old, c) {
+			return c
+		}
+		return w.traffic.byEndpoint.Load()
+	}
+	c := &endpointCounts{of: s.Endpoints, at: make(map[string]int32, len(s.Endpoints)), n: make([]atomic.Uint64, len(s.Endpoints))}
+	for i, e := range s.Endpoints {
+		c.at[e.Dial] = int32(i)
 		if old != nil {
-			n = old.m[e.Dial]
+			if j, ok := old.at[e.Dial]; ok {
+				c.n[i].Store(old.n[j].Load()) // requests counted on old meanwhile are lost
+			}
 		}
-		if n == nil {
-			n = new(atomic.Uint64)
-		}
-		c.m[e.Dial] = n
 	}
 	if w.traffic.byEndpoint.CompareAndSwap(old, c) {
 		return c
 	}
 	return w.traffic.byEndpoint.Load()
+}
+
+func sameDials(at map[string]int32, eps []Endpoint) bool {
+	for _, e := range eps {
+		if _, ok := at[e.Dial]; !ok {
+			return false
+		}
+	}
+	return true
 }
