@@ -310,3 +310,26 @@ func TestSplitConfigErrors(t *testing.T) {
 		})
 	}
 }
+
+// A retry may go to another Service: with the pods' one endpoint refusing
+// every request and weighted 99, each request first tries the pod (99 %)
+// and its retry (lb_retries 1) is handed both Services' endpoints, of which
+// Caddy has marked the pod down (fail_duration): no request fails.
+func TestSplitRetryCrossesServices(t *testing.T) {
+	vmZone, vmDials := zoneOf("vm", 1, 1)
+	podZone, podDials := zoneOf("pods", 2, 1)
+	srv := dnstest.Start(t, vmZone+podZone)
+	tr := &noNetwork{hits: map[string]int{}, down: func(d string) bool { return d == podDials[0] }}
+	body := splitJSON(srv.Addr, "random", []int{1, 99}, "")
+	body = strings.TrimSuffix(body, "}}") + `,"retries":1},"health_checks":{"passive":{"fail_duration":"1h","max_fails":1}}}`
+	h := proxy(t, body, tr)
+	resolved(t, h)
+	for i := range 500 {
+		if code := serve(h); code != 200 {
+			t.Fatalf("request %d: status %d (hits %v)", i, code, tr.hits)
+		}
+	}
+	if tr.hits[vmDials[0]] != 500 {
+		t.Fatalf("the VM answered %d of 500 requests: %v", tr.hits[vmDials[0]], tr.hits)
+	}
+}
