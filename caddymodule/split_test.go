@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"net/http/httptest"
+	"net/netip"
 	"strings"
 	"testing"
 
@@ -332,4 +333,46 @@ func TestSplitRetryCrossesServices(t *testing.T) {
 	if tr.hits[vmDials[0]] != 500 {
 		t.Fatalf("the VM answered %d of 500 requests: %v", tr.hits[vmDials[0]], tr.hits)
 	}
+}
+
+// A Service whose endpoints all fail their health checks gives its share
+// to the others (real probes of real backends), and takes it back when one
+// passes again.
+func TestSplitUnhealthyServiceGivesShare(t *testing.T) {
+	vmB, podB := newHealthBackend(t), newHealthBackend(t)
+	zone := ""
+	for name, b := range map[string]*healthBackend{"vm": vmB, "pods": podB} {
+		ap := netip.MustParseAddrPort(b.dial)
+		zone += fmt.Sprintf("_http._tcp.%s.bbs.svc.cluster.local. 5 IN SRV 0 50 %d %s-0.%s.bbs.svc.cluster.local.\n", name, ap.Port(), name, name)
+		zone += fmt.Sprintf("%s-0.%s.bbs.svc.cluster.local. 5 IN A 127.0.0.1\n", name, name)
+	}
+	srv := dnstest.Start(t, zone)
+	podB.status.Store(503)
+	body := fmt.Sprintf(`{"dynamic_upstreams":{"source":"headless","services":[{"service":"vm.bbs:http","weight":10},{"service":"pods.bbs:http","weight":90}],`+
+		`"resolvers":[%q],"versions":{"ipv4":true},"allow_addresses":["loopback"],"health_checks":{"interval":"1s"}}}`, srv.Addr)
+	h := proxy(t, body, &noNetwork{})
+	src := resolved(t, h)
+	side := func() (vm, pods int) {
+		for range 200 {
+			ups, err := src.GetUpstreams(httptest.NewRequest("GET", "http://app.example/", nil))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ups[0].Dial == vmB.dial {
+				vm++
+			} else {
+				pods++
+			}
+		}
+		return vm, pods
+	}
+	eventually(t, "the pods' endpoint found unhealthy", func() bool {
+		st, ok := src.uses[1].watcher.Prober().Health(podB.dial)
+		return ok && st.State.String() == "unhealthy"
+	})
+	if vm, pods := side(); vm != 200 || pods != 0 {
+		t.Fatalf("pods unhealthy: vm %d, pods %d; want all 200 on the VM", vm, pods)
+	}
+	podB.status.Store(200)
+	eventually(t, "the pods take their share again", func() bool { _, pods := side(); return pods > 100 })
 }
