@@ -112,6 +112,20 @@ type WatcherStatus struct {
 	// Users is how many upstream sources (handlers, across loaded configs)
 	// share the watcher.
 	Users int `json:"users"`
+	// Traffic counts the requests handed this Service's endpoints.
+	Traffic TrafficStatus `json:"traffic"`
+}
+
+// TrafficStatus counts the requests a watcher handed out since it started,
+// across every source that uses it: a split's share per Service.
+type TrafficStatus struct {
+	// Requests counts the requests given candidates of this Service (a
+	// retry of a split counts for every Service it is handed).
+	Requests uint64 `json:"requests"`
+	// BackupRequests counts those handed out while the Service stood in as
+	// a backup (weight 0) of a split; BackupInUse is true while it does.
+	BackupRequests uint64 `json:"backup_requests"`
+	BackupInUse    bool   `json:"backup_in_use"`
 }
 
 // EndpointStatus is one address requests are sent to.
@@ -133,6 +147,10 @@ type EndpointStatus struct {
 	// if it passed.
 	LastCheck time.Time `json:"last_check,omitzero"`
 	LastError string    `json:"last_error,omitempty"`
+	// Requests counts the requests that had this endpoint among their
+	// candidates since DNS returned it (with candidates 1, or lb_policy
+	// first, the requests sent to it unless it was down).
+	Requests uint64 `json:"requests"`
 }
 
 // HealthStatus sums up the health checks of a watcher's endpoints.
@@ -336,6 +354,8 @@ func statusOf(w *discovery.Watcher, users int) WatcherStatus {
 			out.RecordTypes = append(out.RecordTypes, "AAAA")
 		}
 	}
+	tr := w.Traffic()
+	out.Traffic = TrafficStatus{Requests: tr.Requests, BackupRequests: tr.Backup, BackupInUse: tr.BackupInUse}
 	s := st.Snapshot
 	if s == nil {
 		return out
@@ -344,7 +364,7 @@ func statusOf(w *discovery.Watcher, users int) WatcherStatus {
 		out.HealthChecks = &HealthStatus{Healthy: h.Eligible, Panic: h.Panic}
 	}
 	for i, e := range s.Endpoints {
-		es := EndpointStatus{Address: e.Dial, IP: e.IP.String(), Port: e.Port, Target: e.Target}
+		es := EndpointStatus{Address: e.Dial, IP: e.IP.String(), Port: e.Port, Target: e.Target, Requests: tr.ByEndpoint[e.Dial]}
 		_, es.SetAside = slices.BinarySearch(st.SetAside, e.Dial)
 		if st.Health != nil {
 			h := st.Health.Endpoints[i]

@@ -14,7 +14,7 @@ import (
 
 // UnmarshalCaddyfile sets up the source from Caddyfile tokens. Syntax:
 //
-//	dynamic headless <service>:<port> {
+//	dynamic headless <service>:<port>... {
 //	    resolvers        <host[:port]>...
 //	    namespace        <namespace>
 //	    cluster_domain   <domain>
@@ -26,6 +26,7 @@ import (
 //	    allow_addresses  loopback|link_local ...
 //	    allow_cidrs      <cidr>...
 //	    candidates       <n>|all
+//	    weights          <weight>...   (one per Service, in order; 0 = backup)
 //
 //	    # active health checks (any health_* option turns them on)
 //	    health_uri       <uri>
@@ -49,6 +50,9 @@ import (
 //	    health_tls_ca    <pem file>
 //	    slow_start       <duration>
 //	}
+//
+// Several Services make one source that splits requests between them (see
+// WeightedService).
 func (h *Headless) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume the source name
 	if !d.NextArg() {
@@ -57,8 +61,10 @@ func (h *Headless) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if err := h.setService(d); err != nil {
 		return err
 	}
-	if d.NextArg() {
-		return d.Errf("headless: one service per source, got extra argument %q (use dynamic multi to combine services)", d.Val())
+	for d.NextArg() { // several Services: a split (split.go)
+		if err := h.addService(d); err != nil {
+			return err
+		}
 	}
 	opts := newOptionParser(h)
 	for d.NextBlock(0) {
@@ -70,7 +76,7 @@ func (h *Headless) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.Errf("headless: unknown option %q", d.Val())
 		}
 	}
-	if _, err := h.config(caddyfileEnv); err != nil {
+	if _, err := h.configs(caddyfileEnv); err != nil {
 		return opts.errAt(d, err)
 	}
 	return nil
@@ -239,6 +245,8 @@ func (h *Headless) UnmarshalOption(d *caddyfile.Dispenser) (bool, error) {
 		h.SlowStart, err = durationArg(d, true)
 	case "edns_buffer_size":
 		h.EDNSBufferSize, err = numberArg(d)
+	case "weights":
+		err = h.unmarshalWeights(d)
 	case "candidates":
 		if args := d.RemainingArgs(); len(args) == 1 && args[0] == "all" {
 			h.Candidates = -1

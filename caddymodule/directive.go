@@ -38,6 +38,7 @@ func init() {
 //	    dial_timeout     <duration>
 //	    edns_buffer_size <bytes>
 //	    health_*         ...   (active health checks, see `dynamic headless`)
+//	    weights          <weight>...   (one per Service; 0 = backup)
 //
 //	    # and every reverse_proxy subdirective except `to` and `dynamic`
 //	    lb_policy ...
@@ -46,8 +47,10 @@ func init() {
 //	    ...
 //	}
 //
-// One Service becomes `dynamic headless`; several become `dynamic multi` with
-// one headless source each, in the order given. A scheme works as it does for
+// The Services become one `dynamic headless` source; with several, each
+// request goes to one of them (by `weights`, one per Service in order, 0 for
+// a backup; without weights, every endpoint of every Service gets the same
+// share). A scheme works as it does for
 // reverse_proxy: `https://` turns on TLS to the upstreams, `h2c://` HTTP/2
 // over cleartext; without a port, https:// means 443 and http:// 80.
 //
@@ -80,7 +83,16 @@ func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, er
 	}
 
 	// Take the headless options out of the block, leaving reverse_proxy's.
+	// Several Services make one source that splits between them (weights).
 	var opts Headless
+	if len(refs) == 1 {
+		opts.Service = refs[0]
+	}
+	if len(refs) > 1 {
+		for _, ref := range refs {
+			opts.Services = append(opts.Services, WeightedService{Service: ref})
+		}
+	}
 	parser := newOptionParser(&opts)
 	for d.NextBlock(0) {
 		// Only the first token of a line directly inside the block names an
@@ -99,6 +111,9 @@ func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, er
 		seg := d.NextSegment()
 		sub := caddyfile.NewDispenser(seg)
 		sub.Next()
+		if opt == "lb_policy" && len(seg) > 1 && seg[1].Text == "weighted_round_robin" {
+			return nil, sub.Errf("headless_proxy: %v", errWeightedRoundRobin)
+		}
 		known, err := parser.option(sub)
 		if err != nil {
 			return nil, err
@@ -125,19 +140,8 @@ func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, er
 		}
 		d.DeleteN(len(seg))
 	}
-	seen := map[string]bool{}
-	for _, ref := range refs {
-		src := opts
-		src.Service = ref
-		cfg, err := src.config(caddyfileEnv)
-		if err != nil {
-			return nil, parser.errAt(d, fmt.Errorf("headless_proxy: %v", err))
-		}
-		q := cfg.Service.String()
-		if seen[q] {
-			return nil, d.Errf("headless_proxy: %s is named twice (as %q): each of its endpoints would be listed twice", q, ref)
-		}
-		seen[q] = true
+	if _, err := opts.configs(caddyfileEnv); err != nil {
+		return nil, parser.errAt(d, fmt.Errorf("headless_proxy: %v", err))
 	}
 	probeTLS := opts.HealthChecks != nil && scheme == "https" && opts.HealthChecks.Mode != "tcp" && opts.HealthChecks.TLS == nil
 
@@ -173,18 +177,7 @@ func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, er
 		opts.HealthChecks.TLS = probeTLSFrom(rp.TransportRaw)
 	}
 
-	sources := make([]json.RawMessage, len(refs))
-	for i, ref := range refs {
-		src := opts
-		src.Service = ref
-		sources[i] = caddyconfig.JSONModuleObject(src, "source", "headless", nil)
-	}
-	if len(sources) == 1 {
-		rp.DynamicUpstreamsRaw = sources[0]
-	} else {
-		rp.DynamicUpstreamsRaw = caddyconfig.JSONModuleObject(
-			reverseproxy.MultiUpstreams{SourcesRaw: sources}, "source", "multi", nil)
-	}
+	rp.DynamicUpstreamsRaw = caddyconfig.JSONModuleObject(opts, "source", "headless", nil)
 	return rp, nil
 }
 

@@ -95,8 +95,17 @@ func FuzzUnmarshalCaddyfile(f *testing.F) {
 			}
 			return
 		}
-		if _, err := discovery.ParseService(h.Service, discovery.Defaults{}); err != nil {
-			t.Fatalf("accepted service %q does not parse: %v", h.Service, err)
+		refs := []string{h.Service}
+		if len(h.Services) > 0 { // several Services: a split
+			refs = refs[:0]
+			for _, ws := range h.Services {
+				refs = append(refs, ws.Service)
+			}
+		}
+		for _, ref := range refs {
+			if _, err := discovery.ParseService(ref, discovery.Defaults{}); err != nil {
+				t.Fatalf("accepted service %q does not parse: %v", ref, err)
+			}
 		}
 
 		// Caddy stores the module as JSON and provisions a fresh value from it.
@@ -192,10 +201,19 @@ func FuzzHeadlessProxy(f *testing.F) {
 			if err := json.Unmarshal(b, h); err != nil {
 				t.Fatalf("headless source %s does not unmarshal: %v", b, err)
 			}
-			if _, err := discovery.ParseService(h.Service, discovery.Defaults{}); err != nil {
-				t.Fatalf("headless source %s: service does not parse: %v", b, err)
+			refs := []string{h.Service}
+			if len(h.Services) > 0 {
+				refs = refs[:0]
+				for _, ws := range h.Services {
+					refs = append(refs, ws.Service)
+				}
 			}
-			if _, err := h.config(caddyfileEnv); err != nil {
+			for _, ref := range refs {
+				if _, err := discovery.ParseService(ref, discovery.Defaults{}); err != nil {
+					t.Fatalf("headless source %s: service does not parse: %v", b, err)
+				}
+			}
+			if _, err := h.configs(caddyfileEnv); err != nil {
 				t.Fatalf("headless_proxy accepted a source that provisioning refuses: %s: %v", b, err)
 			}
 		})

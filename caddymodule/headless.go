@@ -3,9 +3,11 @@
 package caddymodule
 
 import (
+	"errors"
 	"fmt"
 	"net/http"
 	"net/netip"
+	"strings"
 	"sync"
 	"time"
 
@@ -38,6 +40,13 @@ type Headless struct {
 	// name means the SRV records `_name._tcp.<fqdn>` of that named port, whose
 	// ports are used. Required.
 	Service string `json:"service,omitempty"`
+
+	// Several Services behind this one source, instead of service: each
+	// request goes to one of them, drawn by weight among those with a usable
+	// endpoint, and is handed candidates of that Service only. Every other
+	// option applies to each of them. At most 16. See the README's migration
+	// walk-through.
+	Services []WeightedService `json:"services,omitempty"`
 
 	// DNS servers to ask, as `host` or `host:port` (port 53 by default). They
 	// are tried in turn, starting with the one that answered last. Default: the
@@ -131,11 +140,36 @@ type Headless struct {
 	// it is retried.
 	Candidates int `json:"candidates,omitempty"`
 
+	// The first (or only) Service's watcher, its pool key and its sampler;
+	// uses has every Service's.
 	key     string
 	watcher *discovery.Watcher
-	detach  func() // the watcher's logging through this config
 	sampler *discovery.Sampler
-	retry   *sync.Map // *http.Request → struct{}: ResetCache was just called for it; with sampler
+	uses    []serviceUse
+	retry   *sync.Map // *http.Request → struct{}: ResetCache was just called for it; with sampler or split
+
+	split *discovery.Split // with several Services
+	draw  splitDraw        // how a request's Service is drawn, with split
+}
+
+// WeightedService is one Service of a headless source with several.
+type WeightedService struct {
+	// The Service, as for `service`. Required.
+	Service string `json:"service"`
+	// Its share of the requests relative to the others' weights, spread over
+	// its own endpoints; 0 makes it a backup, used only while no Service with
+	// a weight above 0 has a usable endpoint (backups in the order given).
+	// Give a weight to every Service or to none: without weights every
+	// usable endpoint of every Service gets the same share.
+	Weight *int `json:"weight,omitempty"`
+}
+
+// serviceUse is one Service's shared watcher as this source uses it.
+type serviceUse struct {
+	key     string
+	watcher *discovery.Watcher
+	detach  func() // the watcher's logging (and events) through this config
+	sampler *discovery.Sampler
 }
 
 // CaddyModule returns the Caddy module information.
@@ -158,41 +192,66 @@ var watchers = caddy.NewUsagePool()
 // asks DNS: a new watcher starts looking up when the config starts (the
 // headless app's Start), so `caddy validate` sends no query.
 func (h *Headless) Provision(ctx caddy.Context) error {
-	cfg, err := h.config(environment.Detect())
+	cfgs, err := h.configs(environment.Detect())
 	if err != nil {
 		return err
 	}
-	if err := h.HealthChecks.loadCA(h.Service, cfg.Health); err != nil {
-		return err
+	if err := checkPolicy(ctx.Modules()); err != nil {
+		return fmt.Errorf("%s: %w", h, err)
 	}
-	h.key = cfg.Key()
+	for i, cfg := range cfgs {
+		if err := h.HealthChecks.loadCA(cfg.Service.Ref, cfg.Health); err != nil {
+			return err
+		}
+		cfgs[i] = cfg
+	}
 	app, err := appOf(ctx)
 	if err != nil {
 		return err
 	}
-	val, _, err := watchers.LoadOrNew(h.key, func() (caddy.Destructor, error) {
-		return discovery.New(cfg, ctx.Logger()), nil
-	})
-	if err != nil {
-		return err
+	events := eventsOf(ctx)
+	for _, cfg := range cfgs {
+		key := cfg.Key()
+		val, _, err := watchers.LoadOrNew(key, func() (caddy.Destructor, error) {
+			return discovery.New(cfg, ctx.Logger()), nil
+		})
+		if err != nil {
+			return err
+		}
+		w := val.(*discovery.Watcher)
+		if app != nil {
+			app.add(w)
+		}
+		// Until Cleanup: if this config fails to load, logging (and events)
+		// go back to the config that runs.
+		use := serviceUse{key: key, watcher: w, detach: w.AttachLogger(ctx.Logger())}
+		if events != nil {
+			detachLogger, detachEvents := use.detach, w.AttachEvents(emitter(ctx, events))
+			use.detach = func() { detachEvents(); detachLogger() }
+		}
+		h.uses = append(h.uses, use)
+		if err := registerMetrics(ctx, key, w); err != nil {
+			return err
+		}
 	}
-	h.watcher = val.(*discovery.Watcher)
-	if app != nil {
-		app.add(h.watcher)
-	}
-	// Until Cleanup: if this config fails to load, logging goes back to the
-	// config that runs.
-	h.detach = h.watcher.AttachLogger(ctx.Logger())
+	h.key, h.watcher = h.uses[0].key, h.uses[0].watcher
 	if err := checkSlowStartPolicy(ctx.Modules(), h.SlowStart); err != nil {
-		return fmt.Errorf("headless %s: %w", h.Service, err)
+		return fmt.Errorf("%s: %w", h, err)
 	}
-	if h.sampler = samplerFor(ctx.Modules(), h.Candidates); h.sampler != nil {
+	for i := range h.uses {
+		h.uses[i].sampler = samplerFor(ctx.Modules(), h.Candidates)
+	}
+	if h.sampler = h.uses[0].sampler; h.sampler != nil {
+		h.retry = new(sync.Map)
+	}
+	if len(h.uses) > 1 {
+		h.split, h.draw = h.newSplit(ctx.Modules())
 		h.retry = new(sync.Map)
 	}
 	if msg := handlerHealthWarning(ctx.Modules(), h.HealthChecks != nil); msg != "" {
-		ctx.Logger().Warn(msg, zap.String("service", h.Service))
+		ctx.Logger().Warn(msg, zap.String("service", h.names()))
 	}
-	return registerMetrics(ctx, h.key, h.watcher)
+	return nil
 }
 
 // config validates the fields and turns them into a watcher configuration,
@@ -201,6 +260,13 @@ func (h *Headless) Provision(ctx caddy.Context) error {
 // checks the rest): Provision calls it, and so do the Caddyfile parsers, to
 // report an error at its file and line. It reads no file and asks no DNS.
 func (h *Headless) config(det discovery.Detected) (discovery.Config, error) {
+	if h.Service == "" && len(h.Services) > 0 {
+		cfgs, err := h.configs(det) // the first Service's
+		if err != nil {
+			return discovery.Config{}, err
+		}
+		return cfgs[0], nil
+	}
 	def := det.Defaults
 	fail := func(format string, args ...any) (discovery.Config, error) {
 		return discovery.Config{}, fmt.Errorf("headless %s: "+format, append([]any{h.Service}, args...)...)
@@ -304,6 +370,9 @@ func addressPolicy(kinds, cidrs []string) (discovery.AddressPolicy, error) {
 // a few of the endpoints, or all of them on a retry. It waits for DNS only if
 // this Service was never resolved yet.
 func (h *Headless) GetUpstreams(r *http.Request) ([]*reverseproxy.Upstream, error) {
+	if h.split != nil {
+		return h.splitUpstreams(r)
+	}
 	s := h.sampler
 	if s != nil {
 		if _, retry := h.retry.LoadAndDelete(r); retry {
@@ -336,17 +405,22 @@ func upstreamsOf(eps []discovery.Endpoint) []*reverseproxy.Upstream {
 // It asks the watcher for a refresh in the background (rate-limited) rather
 // than looking anything up on the request path.
 func (h *Headless) ResetCache(r *http.Request) error {
-	if h.sampler != nil {
+	if h.retry != nil {
 		h.retry.Store(r, struct{}{})
 	}
 	// The endpoint the failed try went to (reverse_proxy set the placeholder
-	// when it chose it) is set aside until it accepts connections again.
+	// when it chose it) is set aside until it accepts connections again; a
+	// Service that does not have it ignores it.
+	dial := ""
 	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
-		if dial, ok := repl.GetString("http.reverse_proxy.upstream.hostport"); ok {
-			h.watcher.SetAside(dial)
-		}
+		dial, _ = repl.GetString("http.reverse_proxy.upstream.hostport")
 	}
-	h.watcher.Refresh()
+	for _, u := range h.uses {
+		if dial != "" {
+			u.watcher.SetAside(dial)
+		}
+		u.watcher.Refresh()
+	}
 	return nil
 }
 
@@ -391,18 +465,31 @@ func samplerFor(mods []caddy.Module, candidates int) *discovery.Sampler {
 
 // Cleanup releases the shared watcher; the last user stops it.
 func (h *Headless) Cleanup() error {
-	if h.detach != nil {
-		h.detach()
+	var errs []error
+	for _, u := range h.uses {
+		u.detach()
+		if _, err := watchers.Delete(u.key); err != nil {
+			errs = append(errs, err)
+		}
 	}
-	if h.key == "" {
-		return nil
-	}
-	_, err := watchers.Delete(h.key)
-	return err
+	h.uses = nil
+	return errors.Join(errs...)
 }
 
 // String names the source in Caddy's logs.
-func (h *Headless) String() string { return "headless " + h.Service }
+func (h *Headless) String() string { return "headless " + h.names() }
+
+// names lists the Services, as written.
+func (h *Headless) names() string {
+	if len(h.Services) == 0 {
+		return h.Service
+	}
+	names := make([]string, len(h.Services))
+	for i, ws := range h.Services {
+		names[i] = ws.Service
+	}
+	return strings.Join(names, ", ")
+}
 
 // handlerHealthWarning explains, if the reverse_proxy handler above this
 // source (in mods, the modules being provisioned from the root down) has

@@ -60,6 +60,20 @@ var (
 		[]string{"service"}, nil)
 )
 
+// Traffic metrics: the share of a split per Service (per endpoint only in
+// GET /headless/, to keep the label values bounded).
+var (
+	descRequests = prometheus.NewDesc("caddy_headless_requests_total",
+		"Requests handed endpoints of a headless Service (each request of a split goes to one Service; a retry of a split counts for every Service it is handed).",
+		[]string{"service"}, nil)
+	descBackupRequests = prometheus.NewDesc("caddy_headless_backup_requests_total",
+		"Requests handed a Service while it stood in as a backup (weight 0) of a split.",
+		[]string{"service"}, nil)
+	descBackupInUse = prometheus.NewDesc("caddy_headless_backup_in_use",
+		"1 while a backup Service (weight 0) serves a split's requests because no weighted Service has a usable endpoint, else 0.",
+		[]string{"service"}, nil)
+)
+
 // Health check metrics, exported for the services that have health checks.
 var (
 	descChecks = prometheus.NewDesc("caddy_headless_health_checks_total",
@@ -81,7 +95,8 @@ var healthDescs = []*prometheus.Desc{descChecks, descTransitions, descHealthy, d
 
 // allDescs are the metrics a serviceCollector exports.
 var allDescs = append([]*prometheus.Desc{descLookups, descQueries, descTruncated, descDropped,
-	descDuration, descEndpoints, descSinceSuccess, descStale, descCache, descAside}, healthDescs...)
+	descDuration, descEndpoints, descSinceSuccess, descStale, descCache, descAside,
+	descRequests, descBackupRequests, descBackupInUse}, healthDescs...)
 
 // serviceCollector exports the watchers one config uses. One is registered on
 // each config's registry; every Headless of that config adds its watcher.
@@ -151,6 +166,9 @@ func (c *serviceCollector) Describe(ch chan<- *prometheus.Desc) {
 type serviceSeries struct {
 	stats discovery.Stats // summed
 
+	requests, backup uint64 // summed
+	backupInUse      bool
+
 	endpoints    int
 	sinceSuccess float64 // -1 until one of the watchers has had an answer
 	stale        bool
@@ -188,6 +206,10 @@ func (c *serviceCollector) Collect(ch chan<- prometheus.Metric) {
 			order = append(order, label)
 		}
 		s.add(m.watcher.Status(), now)
+		tr := m.watcher.Traffic()
+		s.requests += tr.Requests
+		s.backup += tr.Backup
+		s.backupInUse = s.backupInUse || tr.BackupInUse
 	}
 
 	for _, label := range order {
@@ -218,6 +240,13 @@ func (c *serviceCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descStale, prometheus.GaugeValue, stale, label)
 		ch <- prometheus.MustNewConstMetric(descCache, prometheus.GaugeValue, s.cacheMaxAge, label)
 		ch <- prometheus.MustNewConstMetric(descAside, prometheus.GaugeValue, float64(s.aside), label)
+		ch <- prometheus.MustNewConstMetric(descRequests, prometheus.CounterValue, float64(s.requests), label)
+		ch <- prometheus.MustNewConstMetric(descBackupRequests, prometheus.CounterValue, float64(s.backup), label)
+		inUse := 0.0
+		if s.backupInUse {
+			inUse = 1
+		}
+		ch <- prometheus.MustNewConstMetric(descBackupInUse, prometheus.GaugeValue, inUse, label)
 		if !s.health {
 			continue
 		}

@@ -65,4 +65,21 @@ for golden in caddymodule/testdata/caddyfile_adapt/*.caddyfiletest; do
 	esac
 	n=$((n + 1))
 done
+# caddyfile_provision: adapts, but `caddy validate` (provisioning) must fail
+# with the recorded error (what only provisioning sees, e.g. an lb_policy
+# beside `dynamic headless`).
+for golden in caddymodule/testdata/caddyfile_provision/*.caddyfiletest; do
+	sed '/^----------$/,$d' "$golden" >"$tmp/Caddyfile"
+	want=$(sed '1,/^----------$/d' "$golden")
+	want=${want##*: provision http.reverse_proxy.upstreams.headless: }
+	if "$caddy" validate --config "$tmp/Caddyfile" --adapter caddyfile >/dev/null 2>"$tmp/err.log"; then
+		echo "check-example: $golden validated, but should fail with: $want" >&2
+		exit 1
+	fi
+	want=${want//\\/\\\\}
+	want=${want//\"/\\\"}
+	grep -qF -- "$want" "$tmp/err.log" ||
+		{ cat "$tmp/err.log" >&2; echo "check-example: $golden: want error: $want" >&2; exit 1; }
+	n=$((n + 1))
+done
 echo "check-example: $n golden Caddyfiles behave the same with $caddy"

@@ -219,8 +219,9 @@ type Prober struct {
 	// run checks one endpoint: check, or a test's stand-in.
 	run func(context.Context, Endpoint) error
 
-	stats   *stats           // the Watcher's; nil in tests of the Prober alone
-	observe func(CheckEvent) // tests: called after every probe, under mu
+	stats   *stats                                // the Watcher's; nil in tests of the Prober alone
+	observe func(CheckEvent)                      // tests: called after every probe, under mu
+	changed func(ev CheckEvent, prev HealthState) // the Watcher's events; after a change, not under mu
 }
 
 // probeState is one endpoint's state; a pointer that identifies the endpoint's
@@ -470,6 +471,9 @@ func (p *Prober) probe(st *probeState) {
 
 	if changed {
 		p.logChange(ev, prev)
+		if p.changed != nil {
+			p.changed(ev, prev)
+		}
 	}
 }
 

@@ -57,10 +57,14 @@ type Sampler struct {
 // The result may share memory with the Watcher's: read it, never modify it.
 func (w *Watcher) Candidates(ctx context.Context, s *Sampler) ([]Endpoint, error) {
 	eps, err := w.Endpoints(ctx)
-	if err != nil || s == nil {
-		return eps, err
+	if err != nil {
+		return nil, err
 	}
-	return s.sample(eps), nil
+	if s != nil {
+		eps = s.sample(eps)
+	}
+	w.count(eps)
+	return eps, nil
 }
 
 // sample returns s.Size of eps, chosen the s.Pick way.

@@ -168,6 +168,9 @@ type Watcher struct {
 	aside  *aside  // endpoints whose dial failed
 
 	running atomic.Bool // set when begin started the run goroutine
+
+	traffic   traffic   // requests handed out (traffic.go)
+	listeners listeners // of events (events.go)
 }
 
 // ErrNotResolved is returned while a Service has never been resolved.
@@ -220,6 +223,7 @@ func New(cfg Config, logger *zap.Logger) *Watcher {
 	if cfg.Health != nil {
 		w.prober = newProber(*cfg.Health, cfg.Service, &w.logger)
 		w.prober.stats = &w.stats
+		w.prober.changed = w.emitHealth
 	}
 	w.ctx = ctx
 	w.aside = newAside(ctx, cfg.Service, &w.logger)
@@ -350,11 +354,12 @@ func (w *Watcher) publish(s *Snapshot) {
 		w.prober.update(s)
 	}
 	w.aside.update(s)
-	w.snap.Store(s)
+	prev := w.snap.Swap(s)
 	w.mu.Lock()
 	close(w.published)
 	w.published = make(chan struct{})
 	w.mu.Unlock()
+	w.emitChange(prev, s)
 }
 
 func (w *Watcher) run(ctx context.Context) {
