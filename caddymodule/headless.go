@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"net/netip"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -146,7 +145,7 @@ type Headless struct {
 	watcher *discovery.Watcher
 	sampler *discovery.Sampler
 	uses    []serviceUse
-	retry   *sync.Map // *http.Request → struct{}: ResetCache was just called for it; with sampler or split
+	tries   string // the replacer variable that marks a request this source has handed upstreams; with sampler or split
 
 	split *discovery.Split // with several Services
 	draw  splitDraw        // how a request's Service is drawn, with split
@@ -241,12 +240,12 @@ func (h *Headless) Provision(ctx caddy.Context) error {
 	for i := range h.uses {
 		h.uses[i].sampler = samplerFor(ctx.Modules(), h.Candidates)
 	}
-	if h.sampler = h.uses[0].sampler; h.sampler != nil {
-		h.retry = new(sync.Map)
-	}
+	h.sampler = h.uses[0].sampler
 	if len(h.uses) > 1 {
 		h.split, h.draw = h.newSplit(ctx.Modules())
-		h.retry = new(sync.Map)
+	}
+	if h.sampler != nil || h.split != nil {
+		h.tries = fmt.Sprintf("http.reverse_proxy.upstreams.headless.%p.tried", h)
 	}
 	if msg := handlerHealthWarning(ctx.Modules(), h.HealthChecks != nil); msg != "" {
 		ctx.Logger().Warn(msg, zap.String("service", h.names()))
@@ -374,16 +373,30 @@ func (h *Headless) GetUpstreams(r *http.Request) ([]*reverseproxy.Upstream, erro
 		return h.splitUpstreams(r)
 	}
 	s := h.sampler
-	if s != nil {
-		if _, retry := h.retry.LoadAndDelete(r); retry {
-			s = nil
-		}
+	if s != nil && h.retried(r) {
+		s = nil
 	}
 	eps, err := h.watcher.Candidates(r.Context(), s)
 	if err != nil {
 		return nil, err
 	}
 	return upstreamsOf(eps), nil
+}
+
+// retried reports whether this source has handed r upstreams before:
+// reverse_proxy asks once per try, so a second ask is a retry. The mark is a
+// variable of the request's own replacer, so it ends with the request and
+// does not depend on which other methods Caddy calls in between.
+func (h *Headless) retried(r *http.Request) bool {
+	repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	if !ok {
+		return false
+	}
+	if _, seen := repl.Get(h.tries); seen {
+		return true
+	}
+	repl.Set(h.tries, true)
+	return false
 }
 
 // upstreamsOf returns fresh upstreams for eps, in one block.
@@ -397,17 +410,14 @@ func upstreamsOf(eps []discovery.Endpoint) []*reverseproxy.Upstream {
 	return ups
 }
 
-// ResetCache is called by reverse_proxy before retrying a failed request, and
-// right before the GetUpstreams of the retry: that one hands out every
-// endpoint but the one that just failed, which is set aside (see
+// ResetCache is called by reverse_proxy before retrying a failed request. The
+// retry's GetUpstreams hands out every endpoint (see retried) but the one
+// that just failed, which is set aside (see
 // discovery.Watcher.SetAside): a dial that failed means, most often, an
 // endpoint that left (a pod stopped, a node lost) while DNS still names it.
 // It asks the watcher for a refresh in the background (rate-limited) rather
 // than looking anything up on the request path.
 func (h *Headless) ResetCache(r *http.Request) error {
-	if h.retry != nil {
-		h.retry.Store(r, struct{}{})
-	}
 	// The endpoint the failed try went to (reverse_proxy set the placeholder
 	// when it chose it) is set aside until it accepts connections again; a
 	// Service that does not have it ignores it.

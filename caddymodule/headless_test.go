@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -295,7 +294,7 @@ func TestGetUpstreamsAsksNoDNS(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, sampler := range []*discovery.Sampler{nil, {Pick: discovery.PickRandom, Size: 1}} {
-		h.sampler, h.retry = sampler, new(sync.Map)
+		h.sampler, h.tries = sampler, "test.tried"
 		before := srv.Queries()
 		for range 1000 {
 			if ups, err := getUpstreams(t, h); err != nil || len(ups) == 0 {

@@ -214,7 +214,7 @@ func unitHash(key string) float64 {
 
 // splitUpstreams is GetUpstreams with several Services.
 func (h *Headless) splitUpstreams(r *http.Request) ([]*reverseproxy.Upstream, error) {
-	_, retry := h.retry.LoadAndDelete(r)
+	retry := h.retried(r)
 	u, prefer := h.draw(r)
 	eps, err := h.split.Candidates(r.Context(), u, prefer, retry)
 	if err != nil {
