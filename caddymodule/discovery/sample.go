@@ -75,14 +75,14 @@ func (s *Sampler) sample(eps []Endpoint) []Endpoint {
 	}
 	switch s.Pick {
 	case PickFirst:
-		return eps[:k]
+		return eps[:k:k] // full slice expressions: an append by a caller cannot reach the shared snapshot
 	case PickWindow:
 		// Requests c = bk … bk+k-1 share the window that starts at bk: a
 		// proxy that rotates by one per request visits each member once.
 		c := s.robin.Add(1) - 1
 		start := int(c / uint64(k) * uint64(k) % uint64(n))
 		if start+k <= n {
-			return eps[start : start+k]
+			return eps[start : start+k : start+k]
 		}
 		out := make([]Endpoint, 0, k)
 		out = append(out, eps[start:]...)

@@ -112,3 +112,18 @@ func TestSamplerWindowRotatesOverAll(t *testing.T) {
 		}
 	}
 }
+
+// A sample shares memory with the snapshot, but none of its spare capacity:
+// appending to it must not write into the endpoints every request reads.
+func TestSampleHasNoSpareCapacity(t *testing.T) {
+	eps := make([]Endpoint, 10)
+	for i := range eps {
+		eps[i].Dial = fmt.Sprint(i)
+	}
+	for _, s := range []*Sampler{{Pick: PickFirst, Size: 3}, {Pick: PickWindow, Size: 3}} {
+		got := s.sample(eps)
+		if cap(got) != len(got) {
+			t.Errorf("pick %d: sample of %d has capacity %d: an append would overwrite the snapshot", s.Pick, len(got), cap(got))
+		}
+	}
+}
