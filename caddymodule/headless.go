@@ -442,11 +442,7 @@ func samplerFor(mods []caddy.Module, candidates int) *discovery.Sampler {
 	if candidates == -1 {
 		return nil
 	}
-	for i := len(mods) - 1; i >= 0; i-- {
-		rp, ok := mods[i].(*reverseproxy.Handler)
-		if !ok {
-			continue
-		}
+	if rp := parentProxy(mods); rp != nil {
 		size := discovery.DefaultCandidates
 		if p := rp.HealthChecks; rp.CBRaw != nil || p != nil && p.Passive != nil && (p.Passive.FailDuration > 0 || p.Passive.UnhealthyRequestCount > 0) {
 			size = discovery.PassiveCandidates
@@ -505,11 +501,7 @@ func (h *Headless) names() string {
 // source (in mods, the modules being provisioned from the root down) has
 // active health checks, that Caddy never runs them on dynamic upstreams.
 func handlerHealthWarning(mods []caddy.Module, ours bool) string {
-	for i := len(mods) - 1; i >= 0; i-- {
-		rp, ok := mods[i].(*reverseproxy.Handler)
-		if !ok {
-			continue
-		}
+	if rp := parentProxy(mods); rp != nil {
 		if rp.HealthChecks == nil || rp.HealthChecks.Active == nil {
 			return ""
 		}
@@ -528,11 +520,7 @@ func checkSlowStartPolicy(mods []caddy.Module, slowStart caddy.Duration) error {
 	if slowStart <= 0 {
 		return nil
 	}
-	for i := len(mods) - 1; i >= 0; i-- {
-		rp, ok := mods[i].(*reverseproxy.Handler)
-		if !ok {
-			continue
-		}
+	if rp := parentProxy(mods); rp != nil {
 		if rp.LoadBalancing == nil || rp.LoadBalancing.SelectionPolicy == nil {
 			return nil // random
 		}
@@ -543,6 +531,18 @@ func checkSlowStartPolicy(mods []caddy.Module, slowStart caddy.Duration) error {
 				pol.(caddy.Module).CaddyModule().ID.Name())
 		}
 		return nil
+	}
+	return nil
+}
+
+// parentProxy returns the reverse_proxy handler above this source: the
+// nearest one in mods, the modules being provisioned from the root down;
+// nil when there is none (a source provisioned on its own, in a test).
+func parentProxy(mods []caddy.Module) *reverseproxy.Handler {
+	for i := len(mods) - 1; i >= 0; i-- {
+		if rp, ok := mods[i].(*reverseproxy.Handler); ok {
+			return rp
+		}
 	}
 	return nil
 }

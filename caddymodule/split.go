@@ -86,11 +86,7 @@ const errAllBackups = "every weight is 0 (a backup): give at least one Service a
 // and go, so the first endpoint would get the first weight's share and most
 // endpoints nothing.
 func checkPolicy(mods []caddy.Module) error {
-	for i := len(mods) - 1; i >= 0; i-- {
-		rp, ok := mods[i].(*reverseproxy.Handler)
-		if !ok {
-			continue
-		}
+	if rp := parentProxy(mods); rp != nil {
 		if rp.LoadBalancing != nil {
 			if _, wrr := rp.LoadBalancing.SelectionPolicy.(*reverseproxy.WeightedRoundRobinSelection); wrr {
 				return errWeightedRoundRobin
@@ -125,13 +121,8 @@ func (h *Headless) newSplit(mods []caddy.Module) (*discovery.Split, splitDraw) {
 	}
 	random := func(*http.Request) (float64, int) { return rand.Float64(), -1 }
 	var pol reverseproxy.Selector
-	for i := len(mods) - 1; i >= 0; i-- {
-		if rp, ok := mods[i].(*reverseproxy.Handler); ok {
-			if rp.LoadBalancing != nil {
-				pol = rp.LoadBalancing.SelectionPolicy
-			}
-			break
-		}
+	if rp := parentProxy(mods); rp != nil && rp.LoadBalancing != nil {
+		pol = rp.LoadBalancing.SelectionPolicy
 	}
 	byKey := func(key func(r *http.Request) string) splitDraw {
 		return func(r *http.Request) (float64, int) {
