@@ -365,58 +365,52 @@ func cnameChain(m *dns.Msg, name string) (map[string]bool, error) {
 // addresses takes the A or AAAA records for name (following CNAMEs) from an
 // answer. Records for other names are ignored.
 func addresses(m *dns.Msg, name string, qtype uint16, dropped *int) ([]netip.Addr, time.Duration, Outcome) {
-	if m.Rcode == dns.RcodeNameError {
-		return nil, negativeTTL(m), OutcomeNXDomain
-	}
-	own := owners(m, name)
-	var ips []netip.Addr
-	var ttl time.Duration
-	for _, rr := range m.Answer {
-		h := rr.Header()
-		if h.Rrtype != qtype || !own[strings.ToLower(h.Name)] {
-			continue
+	return records(m, name, maxCandidates, dropped, func(rr dns.RR) (netip.Addr, bool) {
+		if rr.Header().Rrtype != qtype {
+			return netip.Addr{}, false
 		}
-		ip, ok := rrAddr(rr)
-		if !ok {
-			continue
-		}
-		if len(ips) >= maxCandidates {
-			*dropped++
-			continue
-		}
-		ips = append(ips, ip)
-		ttl = minTTL(ttl, ttlOf(h))
-	}
-	if len(ips) == 0 {
-		return nil, negativeTTL(m), OutcomeNoData
-	}
-	return ips, ttl, OutcomeSuccess
+		return rrAddr(rr)
+	})
 }
 
 // srvRecords takes the SRV records for qname (following CNAMEs) from an answer.
 func srvRecords(m *dns.Msg, qname string, dropped *int) ([]*dns.SRV, time.Duration, Outcome) {
+	return records(m, qname, MaxEndpoints, dropped, func(rr dns.RR) (*dns.SRV, bool) {
+		srv, ok := rr.(*dns.SRV)
+		return srv, ok && srv.Target != "."
+	})
+}
+
+// records takes what take accepts of the answer records owned by name
+// (following CNAMEs), at most limit of them (the rest counted in dropped),
+// with their smallest TTL; NXDOMAIN and NODATA with the negative TTL.
+func records[T any](m *dns.Msg, name string, limit int, dropped *int, take func(dns.RR) (T, bool)) ([]T, time.Duration, Outcome) {
 	if m.Rcode == dns.RcodeNameError {
 		return nil, negativeTTL(m), OutcomeNXDomain
 	}
-	own := owners(m, qname)
-	var srvs []*dns.SRV
+	own := owners(m, name)
+	var out []T
 	var ttl time.Duration
 	for _, rr := range m.Answer {
-		srv, ok := rr.(*dns.SRV)
-		if !ok || !own[strings.ToLower(srv.Hdr.Name)] || srv.Target == "." {
+		h := rr.Header()
+		if !own[strings.ToLower(h.Name)] {
 			continue
 		}
-		if len(srvs) >= MaxEndpoints {
+		v, ok := take(rr)
+		if !ok {
+			continue
+		}
+		if len(out) >= limit {
 			*dropped++
 			continue
 		}
-		srvs = append(srvs, srv)
-		ttl = minTTL(ttl, ttlOf(&srv.Hdr))
+		out = append(out, v)
+		ttl = minTTL(ttl, ttlOf(h))
 	}
-	if len(srvs) == 0 {
+	if len(out) == 0 {
 		return nil, negativeTTL(m), OutcomeNoData
 	}
-	return srvs, ttl, OutcomeSuccess
+	return out, ttl, OutcomeSuccess
 }
 
 // glueAddresses maps each SRV target to its addresses found in the additional
