@@ -26,6 +26,7 @@ import (
 
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/caddymodule/internal/poll"
 )
 
 // The zones of these tests, as CoreDNS would serve them.
@@ -354,7 +355,7 @@ func TestAdminStaleLimitExpires(t *testing.T) {
 		t.Fatalf("first failure: %s", toJSON(got))
 	}
 	var got WatcherStatus
-	eventually(t, "the stale bound to pass", func() bool { got = c.one(frontend); return got.Expired })
+	poll.Until(t, "the stale bound to pass", func() bool { got = c.one(frontend); return got.Expired })
 	if got.Status != "failing" || len(got.Endpoints) != 0 || got.StaleLimitSeconds != 0.5 ||
 		!strings.Contains(got.Error, "SERVFAIL") || got.ErrorAt.Sub(got.StaleSince) < 500*time.Millisecond {
 		t.Fatalf("past the stale bound: %s", toJSON(got))

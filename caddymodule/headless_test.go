@@ -22,6 +22,7 @@ import (
 
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/caddymodule/internal/poll"
 )
 
 const appZone = `
@@ -100,18 +101,7 @@ func TestWatcherSharedByEqualQuestions(t *testing.T) {
 	if users(b.key) != 0 || users(c.key) != 0 {
 		t.Fatal("watchers still referenced after the last Cleanup")
 	}
-	waitGoroutines(t, base)
-}
-
-func waitGoroutines(t *testing.T, base int) {
-	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-		if runtime.NumGoroutine() <= base {
-			return
-		}
-	}
-	buf := make([]byte, 1<<20)
-	t.Fatalf("%d goroutines, baseline %d:\n%s", runtime.NumGoroutine(), base, buf[:runtime.Stack(buf, true)])
+	poll.Goroutines(t, base)
 }
 
 // config is a minimal Caddy JSON config with one reverse_proxy per service.
@@ -184,7 +174,7 @@ func TestReloadReusesRunningWatcher(t *testing.T) {
 	if users(key) != 0 {
 		t.Fatalf("%d users after unloading", users(key))
 	}
-	waitGoroutines(t, base)
+	poll.Goroutines(t, base)
 }
 
 func TestProvisionNeverWaitsOnDNS(t *testing.T) {

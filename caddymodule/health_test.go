@@ -23,6 +23,7 @@ import (
 
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/caddymodule/internal/poll"
 )
 
 // healthBackend is an HTTP server on loopback answering its health checks
@@ -64,18 +65,6 @@ func healthSource(srv *dnstest.Server, hc HealthChecks) *Headless {
 		AllowAddresses: []string{"loopback"}}
 }
 
-// eventually polls cond until it holds, for at most 30s.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("not within 30s: %s", what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
-
 func upstreamsAre(t *testing.T, h *Headless, want string) func() bool {
 	return func() bool {
 		ups, err := getUpstreams(t, h)
@@ -107,8 +96,8 @@ func TestHealthGetUpstreams(t *testing.T) {
 			provision(t, h)
 			t.Cleanup(func() { h.Cleanup() })
 
-			eventually(t, "only the good backend", upstreamsAre(t, h, good.dial))
-			eventually(t, "the bad backend probed", func() bool {
+			poll.Until(t, "only the good backend", upstreamsAre(t, h, good.dial))
+			poll.Until(t, "the bad backend probed", func() bool {
 				st, ok := h.watcher.Prober().Health(bad.dial)
 				return ok && st.State == discovery.Unhealthy
 			})
@@ -126,7 +115,7 @@ func TestHealthGetUpstreams(t *testing.T) {
 			}
 
 			good.status.Store(503)
-			eventually(t, "panic", func() bool { return h.watcher.Prober().View().Panic })
+			poll.Until(t, "panic", func() bool { return h.watcher.Prober().View().Panic })
 			ups, err := getUpstreams(t, h)
 			switch {
 			case failFast && (err == nil || !errors.Is(err, discovery.ErrNoneHealthy) || !strings.Contains(err.Error(), "app.bbs")):
@@ -139,7 +128,7 @@ func TestHealthGetUpstreams(t *testing.T) {
 			}
 
 			bad.status.Store(200)
-			eventually(t, "the other backend back", upstreamsAre(t, h, bad.dial))
+			poll.Until(t, "the other backend back", upstreamsAre(t, h, bad.dial))
 		})
 	}
 }
@@ -153,7 +142,7 @@ func TestHealthSharedAcrossReload(t *testing.T) {
 	srv := dnstest.Start(t, srvZone(t, good, bad))
 	old := healthSource(srv, HealthChecks{Fails: 2})
 	provision(t, old)
-	eventually(t, "only the good backend", upstreamsAre(t, old, good.dial))
+	poll.Until(t, "only the good backend", upstreamsAre(t, old, good.dial))
 
 	// The new config provisions before the old one is cleaned up.
 	reloaded := healthSource(srv, HealthChecks{Fails: 2})
@@ -248,7 +237,7 @@ func TestHealthMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { h.Cleanup() })
-	eventually(t, "only the good backend", upstreamsAre(t, h, good.dial))
+	poll.Until(t, "only the good backend", upstreamsAre(t, h, good.dial))
 
 	gather := func() map[string]float64 {
 		families, err := ctx.GetMetricsRegistry().Gather()
@@ -285,14 +274,14 @@ func TestHealthMetrics(t *testing.T) {
 	// The counters follow the state a moment later (the hook runs after the
 	// state is published).
 	var m map[string]float64
-	eventually(t, "metrics of one good, one bad endpoint", func() bool {
+	poll.Until(t, "metrics of one good, one bad endpoint", func() bool {
 		m = gather()
 		return m["caddy_headless_healthy_endpoints"] == 1 && m["caddy_headless_health_panic"] == 0 &&
 			m["caddy_headless_health_checks_total/fail"] >= 1 && m["caddy_headless_health_checks_total/pass"] >= 1 &&
 			m["caddy_headless_health_transitions_total/unhealthy"] == 1 && m["caddy_headless_health_transitions_total/healthy"] == 1
 	})
 	good.status.Store(500)
-	eventually(t, "metrics in panic", func() bool {
+	poll.Until(t, "metrics in panic", func() bool {
 		m = gather()
 		return m["caddy_headless_health_panic"] == 1 && m["caddy_headless_healthy_endpoints"] == 0 &&
 			m["caddy_headless_health_transitions_total/unhealthy"] == 2

@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-headless/caddy-headless/caddymodule/internal/poll"
 )
 
 // backend is a real HTTP server on loopback that answers probes from a
@@ -650,7 +652,7 @@ func TestHealthChurnGoroutinesBounded(t *testing.T) {
 	// The AfterFunc goroutines of the last set exit once they have queued
 	// their endpoint; inFlight workers stay, blocked on endpoints that never
 	// answer. (+2: slack for the runtime's own.)
-	goroutinesSettle(t, base+inFlight+2)
+	poll.Goroutines(t, base+inFlight+2)
 	p.mu.Lock()
 	queued, workers := len(p.ready), p.workers
 	p.mu.Unlock()

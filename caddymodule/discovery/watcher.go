@@ -166,6 +166,7 @@ type Watcher struct {
 
 	prober *Prober // nil without health checks
 	aside  *aside  // endpoints whose dial failed
+	clock  clock   // the run loop's time: real, or a test's
 
 	running atomic.Bool // set when begin started the run goroutine
 }
@@ -209,6 +210,7 @@ func New(cfg Config, logger *zap.Logger) *Watcher {
 	w := &Watcher{
 		cfg:       cfg,
 		coin:      rand.Float64,
+		clock:     realClock{},
 		kick:      make(chan struct{}, 1),
 		cancel:    cancel,
 		done:      make(chan struct{}),
@@ -359,7 +361,7 @@ func (w *Watcher) publish(s *Snapshot) {
 
 func (w *Watcher) run(ctx context.Context) {
 	defer close(w.done)
-	timer := time.NewTimer(0)
+	timer := w.clock.NewTimer(0)
 	defer timer.Stop()
 	var seq uint64
 	var failures int
@@ -369,9 +371,9 @@ func (w *Watcher) run(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-timer.C:
+		case <-timer.C():
 		case <-w.kick:
-			if gap := time.Since(lastStart); gap < minKickGap {
+			if gap := w.clock.Now().Sub(lastStart); gap < minKickGap {
 				// Refreshed a moment ago: do the requested one after the gap.
 				timer.Reset(minKickGap - gap)
 				continue
@@ -386,7 +388,7 @@ func (w *Watcher) run(ctx context.Context) {
 		}
 		seq++
 		w.started.Store(seq)
-		lastStart = time.Now()
+		lastStart = w.clock.Now()
 		res, err := w.lookup(ctx, single, seq)
 		if err == nil && res.Partial != nil && hasFamily(w.snap.Load(), failedFamily(res.Partial)) {
 			// Taking the answer would drop the failed family's endpoints we
@@ -402,7 +404,7 @@ func (w *Watcher) run(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		now := time.Now()
+		now := w.clock.Now()
 		if err != nil {
 			failures++
 		} else {
@@ -414,13 +416,36 @@ func (w *Watcher) run(ctx context.Context) {
 		w.publish(s)
 		if !timer.Stop() {
 			select {
-			case <-timer.C:
+			case <-timer.C():
 			default:
 			}
 		}
 		timer.Reset(s.Next.Sub(now))
 	}
 }
+
+// clock is the run loop's time. Tests drive it (TestWatcherKickIsRateLimited)
+// so that the kick rate limit is checked without measuring real time.
+type clock interface {
+	Now() time.Time
+	NewTimer(d time.Duration) loopTimer
+}
+
+// loopTimer is the part of *time.Timer the run loop uses.
+type loopTimer interface {
+	C() <-chan time.Time
+	Stop() bool
+	Reset(d time.Duration) bool
+}
+
+type realClock struct{}
+
+func (realClock) Now() time.Time                     { return time.Now() }
+func (realClock) NewTimer(d time.Duration) loopTimer { return realTimer{time.NewTimer(d)} }
+
+type realTimer struct{ *time.Timer }
+
+func (t realTimer) C() <-chan time.Time { return t.Timer.C }
 
 // A cluster is mostly single-stack: asking A and AAAA every second for each
 // Service, half the answers would be NODATA forever. While the last answer
