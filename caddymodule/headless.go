@@ -177,9 +177,7 @@ func (h *Headless) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.watcher = val.(*discovery.Watcher)
-	if app != nil {
-		app.add(h.watcher)
-	}
+	app.add(h.watcher)
 	// Until Cleanup: if this config fails to load, logging goes back to the
 	// config that runs.
 	h.detach = h.watcher.AttachLogger(ctx.Logger())

@@ -30,9 +30,17 @@ app.bbs.svc.cluster.local. 5 IN A 10.1.0.2
 app.bbs.svc.cluster.local. 5 IN A 10.1.0.3
 `
 
-func newCtx(t *testing.T) (caddy.Context, context.CancelFunc) {
+// newCtx is a context of a real config, with no apps configured: as in a
+// running Caddy, a Headless provisioned in it loads the headless app (which
+// is not started here, so a watcher starts on its first request). Cancel
+// cleans up what was provisioned in it.
+func newCtx(t testing.TB) (caddy.Context, context.CancelFunc) {
 	t.Helper()
-	return caddy.NewContext(caddy.Context{Context: context.Background()})
+	base, err := caddy.ProvisionContext(&caddy.Config{})
+	if err != nil {
+		t.Fatalf("a config without apps: %v", err)
+	}
+	return caddy.NewContext(base)
 }
 
 func provision(t *testing.T, h *Headless) {

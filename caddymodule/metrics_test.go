@@ -148,7 +148,7 @@ func startTestWatcher(t *testing.T, srv *dnstest.Server, ref string) (string, *d
 }
 
 func newTestContext(t *testing.T) caddy.Context {
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	ctx, cancel := newCtx(t)
 	t.Cleanup(cancel)
 	return ctx
 }

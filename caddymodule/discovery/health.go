@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/url"
 	"regexp"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"sync"
@@ -415,22 +416,49 @@ func (p *Prober) work() {
 		p.ready = p.ready[1:]
 		st.queued = false
 		p.mu.Unlock()
-		p.probe(st)
+		p.probeSafely(st)
 	}
+}
+
+// probeSafely is probe, and a panic in it (a bug, never bad input) does not
+// take the proxy down: it is logged at error with the stack, the endpoint
+// keeps its state and is probed again after an interval, and the worker goes
+// on with the queue.
+func (p *Prober) probeSafely(st *probeState) {
+	defer func() {
+		if r := recover(); r != nil {
+			p.logger.Load().Error("health probe panicked; the endpoint keeps its state and is probed again after an interval",
+				zap.String("service", p.svc.String()), zap.String("endpoint", st.Endpoint.Dial),
+				zap.Any("panic", r), zap.ByteString("stack", debug.Stack()))
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			if !p.stopped && p.states[st.Endpoint.Dial] == st {
+				st.timer.Reset(p.cfg.Interval)
+			}
+		}
+	}()
+	p.probe(st)
 }
 
 // probe checks one endpoint, taken from the queue while it was still
 // discovered, records the result and schedules the next probe.
 func (p *Prober) probe(st *probeState) {
 	err := p.run(st.ctx, st.Endpoint)
+	if ev, prev, ok := p.record(st, err); ok && ev.Changed {
+		p.logChange(ev, prev)
+	}
+}
 
+// record takes a probe's result into st, under the lock (released also if
+// something in it panics); ok is false when the endpoint left DNS meanwhile.
+func (p *Prober) record(st *probeState, err error) (ev CheckEvent, prev HealthState, ok bool) {
 	p.mu.Lock()
+	defer p.mu.Unlock()
 	if p.stopped || p.states[st.Endpoint.Dial] != st {
-		p.mu.Unlock() // the endpoint left DNS meanwhile: forget the result
-		return
+		return ev, prev, false // the endpoint left DNS meanwhile: forget the result
 	}
 	now := time.Now()
-	prev := st.State
+	prev = st.State
 	st.LastCheck, st.LastError = now, err
 	if err == nil {
 		st.Passes++
@@ -454,7 +482,7 @@ func (p *Prober) probe(st *probeState) {
 	if st.State != Healthy {
 		st.RampFrom = time.Time{}
 	}
-	ev := CheckEvent{Service: p.svc, Endpoint: st.Endpoint, Passed: err == nil, Err: err, State: st.State, Changed: changed}
+	ev = CheckEvent{Service: p.svc, Endpoint: st.Endpoint, Passed: err == nil, Err: err, State: st.State, Changed: changed}
 	if changed {
 		st.Since = now
 		p.publishLocked()
@@ -466,11 +494,7 @@ func (p *Prober) probe(st *probeState) {
 		p.observe(ev) // under the lock: events come in the order of the probes
 	}
 	st.timer.Reset(p.cfg.Interval - time.Duration(rand.Int64N(int64(p.cfg.Jitter)+1)))
-	p.mu.Unlock()
-
-	if changed {
-		p.logChange(ev, prev)
-	}
+	return ev, prev, true
 }
 
 func (p *Prober) logChange(ev CheckEvent, prev HealthState) {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/http"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"sync"
@@ -359,18 +360,47 @@ func (w *Watcher) publish(s *Snapshot) {
 	w.mu.Unlock()
 }
 
+// panicRestartDelay is how long the refresh loop waits before its first
+// lookup after it recovered from a panic (or minKickGap, when a request asks
+// for a lookup): a panic that repeats at every lookup does not spin.
+const panicRestartDelay = time.Second
+
+// run is the refresh loop's goroutine: it runs loop until ctx ends. A panic
+// in a lookup (a bug, never bad input) must not take the proxy down with
+// it: loop recovers, logs at error with the stack, and is started again;
+// the last published snapshot is served meanwhile.
 func (w *Watcher) run(ctx context.Context) {
 	defer close(w.done)
-	timer := w.clock.NewTimer(0)
+	for first := time.Duration(0); !w.loop(ctx, first); first = panicRestartDelay {
+	}
+}
+
+// loop refreshes until ctx ends (true), or until a panic, which it
+// recovers from and logs (false). Its first lookup is first from now; the
+// lookup count goes on from the last one started, so RefreshNow and the
+// missing-family rule see no difference across a restart.
+func (w *Watcher) loop(ctx context.Context, first time.Duration) (ended bool) {
+	defer func() {
+		if p := recover(); p != nil {
+			w.logger.Load().Error("DNS refresh loop panicked; serving the last endpoints and restarting it",
+				zap.String("service", w.cfg.Service.String()), zap.Duration("restart_in", panicRestartDelay),
+				zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
+			ended = false
+		}
+	}()
+	timer := w.clock.NewTimer(first)
 	defer timer.Stop()
-	var seq uint64
+	seq := w.started.Load()
 	var failures int
 	var lastStart time.Time
+	if first > 0 {
+		lastStart = w.clock.Now() // a kick waits minKickGap after a restart
+	}
 	var single family // of the last answer, if it had only one
 	for {
 		select {
 		case <-ctx.Done():
-			return
+			return true
 		case <-timer.C():
 		case <-w.kick:
 			if gap := w.clock.Now().Sub(lastStart); gap < minKickGap {
@@ -402,7 +432,7 @@ func (w *Watcher) run(ctx context.Context) {
 			}
 		}
 		if ctx.Err() != nil {
-			return
+			return true
 		}
 		now := w.clock.Now()
 		if err != nil {
