@@ -299,6 +299,16 @@ func (w *Watcher) Refresh() {
 // RefreshNow asks for a lookup and waits until one that started after this call
 // has finished, or ctx ends.
 func (w *Watcher) RefreshNow(ctx context.Context) (*Snapshot, error) {
+	return w.RequestRefresh()(ctx)
+}
+
+// RequestRefresh is RefreshNow in two steps, so that a caller can ask many
+// Watchers before it waits for any: it asks for a lookup now and returns
+// the wait, which returns once a lookup that started after the request has
+// finished, or ctx ends. Requests that meet coalesce into one lookup (two,
+// when one was in flight already): this is the only place refreshes are
+// coalesced.
+func (w *Watcher) RequestRefresh() (wait func(ctx context.Context) (*Snapshot, error)) {
 	// A lookup in flight may have started before this call: wait for the one
 	// after it. Without one in flight, the next lookup will do.
 	w.Run() // asked for explicitly: the Service is in use
@@ -307,6 +317,11 @@ func (w *Watcher) RefreshNow(ctx context.Context) (*Snapshot, error) {
 	// kick always leads to a lookup. Kicking again on every wake-up could queue
 	// a second one behind it: a lookup nobody asked for.
 	w.Refresh()
+	return func(ctx context.Context) (*Snapshot, error) { return w.waitAfter(ctx, after) }
+}
+
+// waitAfter waits until a snapshot of a lookup later than after is out.
+func (w *Watcher) waitAfter(ctx context.Context, after uint64) (*Snapshot, error) {
 	for {
 		w.mu.Lock()
 		ch := w.published
