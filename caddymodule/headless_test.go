@@ -343,6 +343,9 @@ func TestProvisionRejectsBadConfig(t *testing.T) {
 		{Headless{Service: "app:8080", RefreshMin: caddy.Duration(time.Second), RefreshMax: caddy.Duration(time.Millisecond)}, "refresh"},
 		{Headless{Service: "app:8080", Stale: -1}, "stale"},
 		{Headless{Service: "app:8080", EDNSBufferSize: 100}, "edns_buffer_size"},
+		// Above 65535: refused, not wrapped around into 512-65535 (70000 is 4464 as a uint16).
+		{Headless{Service: "app:8080", EDNSBufferSize: 70000}, "edns_buffer_size must be in 512-65535, got 70000"},
+		{Headless{Service: "app:8080", HealthChecks: &HealthChecks{ExpectStatus: 600}}, "expect_status 600"},
 		{Headless{Service: "app:8080", Versions: &reverseproxy.IPVersions{IPv4: new(bool)}}, "versions"},
 		// Floors, the same as the Caddyfile's (issue 13).
 		{Headless{Service: "app:8080", RefreshMin: 1}, "refresh_min 1ns is below the minimum of 100ms"},

@@ -61,8 +61,9 @@ type Resolver struct {
 	Servers []string
 	// Timeout bounds each attempt at one server. Default 2s.
 	Timeout time.Duration
-	// UDPSize is the EDNS0 buffer size advertised over UDP. Default 1232.
-	UDPSize uint16
+	// UDPSize is the EDNS0 buffer size advertised over UDP, 512-65535
+	// (Config.Validate checks it). Default 1232.
+	UDPSize int
 
 	preferred atomic.Uint32 // index into Servers of the last server that answered
 }
@@ -96,10 +97,10 @@ func (r *Resolver) Exchange(ctx context.Context, name string, qtype uint16) (Rep
 	q.SetQuestion(name, qtype)
 	q.RecursionDesired = true
 	size := r.UDPSize
-	if size == 0 {
+	if size <= 0 {
 		size = DefaultUDPSize
 	}
-	q.SetEdns0(size, false)
+	q.SetEdns0(uint16(min(size, 65535)), false)
 
 	var lastErr error
 	start := int(r.preferred.Load())

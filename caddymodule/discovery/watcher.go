@@ -52,7 +52,14 @@ func (c Config) WithDefaults() Config {
 	}
 	r := &Resolver{Timeout: DefaultTimeout, UDPSize: DefaultUDPSize}
 	if c.Resolver != nil {
-		r.Servers = c.Resolver.Servers
+		// In the form NormalizeServer gives ("host" → "host:53"); one that
+		// cannot be put in it stays as it is, for Validate to refuse.
+		r.Servers = make([]string, len(c.Resolver.Servers))
+		for i, s := range c.Resolver.Servers {
+			if r.Servers[i], _ = NormalizeServer(s); r.Servers[i] == "" {
+				r.Servers[i] = s
+			}
+		}
 		if c.Resolver.Timeout != 0 {
 			r.Timeout = c.Resolver.Timeout
 		}
