@@ -162,7 +162,7 @@ func (h *Headless) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := h.HealthChecks.loadCA(h.Service, cfg.Health); err != nil {
+	if err := h.HealthChecks.loadCA(h.Service, &cfg); err != nil {
 		return err
 	}
 	h.key = cfg.Key()

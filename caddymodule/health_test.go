@@ -3,11 +3,14 @@ package caddymodule
 import (
 	"context"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"strings"
@@ -369,5 +372,54 @@ func TestSlowStartConfig(t *testing.T) {
 	}
 	if err := checkSlowStartPolicy([]caddy.Module{&reverseproxy.Handler{LoadBalancing: &reverseproxy.LoadBalancing{SelectionPolicy: &reverseproxy.IPHashSelection{}}}, h}, 0); err != nil {
 		t.Errorf("without slow_start: %v", err)
+	}
+}
+
+// The watcher key of HTTPS probes is the core's, from the settings as
+// values: a CA file's contents part watchers (its path does not), as do the
+// server name and insecure_skip_verify; a file without a certificate is
+// refused with its name.
+func TestHealthTLSKeyFromTheCore(t *testing.T) {
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}))
+	srv.Close()
+	ca := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw})
+	dir := t.TempDir()
+	write := func(name string, b []byte) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	a, sameAsA, other, notPEM := write("a.pem", ca), write("copy.pem", ca), write("b.pem", append(append([]byte(nil), ca...), ca...)), write("x.pem", []byte("not a certificate"))
+	key := func(tls HealthTLS) (string, error) {
+		h := &Headless{Service: "app.bbs:8080", Resolvers: []string{"127.0.0.1"}, HealthChecks: &HealthChecks{TLS: &tls}}
+		ctx, cancel := newCtx(t)
+		defer cancel()
+		err := h.Provision(ctx)
+		if err == nil {
+			defer h.Cleanup()
+		}
+		return h.key, err
+	}
+	must := func(tls HealthTLS) string {
+		t.Helper()
+		k, err := key(tls)
+		if err != nil {
+			t.Fatalf("%+v: %v", tls, err)
+		}
+		return k
+	}
+	base := must(HealthTLS{ServerName: "app", CA: a})
+	if k := must(HealthTLS{ServerName: "app", CA: sameAsA}); k != base {
+		t.Errorf("the same CA at another path: another watcher\n%s\n%s", base, k)
+	}
+	for _, tc := range []HealthTLS{{ServerName: "app", CA: other}, {ServerName: "other", CA: a}, {ServerName: "app", CA: a, InsecureSkipVerify: true}, {ServerName: "app"}} {
+		if k := must(tc); k == base {
+			t.Errorf("%+v shares the watcher of %+v", tc, HealthTLS{ServerName: "app", CA: a})
+		}
+	}
+	if _, err := key(HealthTLS{CA: notPEM}); err == nil || !strings.Contains(err.Error(), "health_tls_ca: no PEM certificate in "+notPEM) {
+		t.Errorf("a CA file without a certificate: %v", err)
 	}
 }

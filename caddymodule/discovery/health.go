@@ -2,7 +2,9 @@ package discovery
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -62,10 +64,62 @@ type HealthCheck struct {
 	// SlowStart, if set, ramps a newly healthy endpoint's share of requests
 	// up over this long (see HealthView.Ramp).
 	SlowStart time.Duration
-	// TLS, if set, makes the HTTP probes HTTPS with this configuration.
-	TLS *tls.Config
-	// TLSKey describes TLS for Config.Key (a tls.Config cannot be compared).
-	TLSKey string
+	// TLS, if set, makes the HTTP probes HTTPS with these settings.
+	TLS *ProbeTLS
+}
+
+// ProbeTLS are the settings of HTTPS probes, as values: the Prober builds
+// the tls.Config from them (clientConfig) and Config.Key tells them apart,
+// so no caller composes either.
+type ProbeTLS struct {
+	// ServerName is sent as SNI, and the certificate must be valid for it.
+	ServerName string
+	// InsecureSkipVerify accepts any certificate.
+	InsecureSkipVerify bool
+	// RootCAs is PEM of the CA certificates to verify with; empty means the
+	// system's roots. (The configuration layer reads the file; the core
+	// reads none.)
+	RootCAs []byte
+}
+
+// ErrNoPEMCertificate is Validate's error for RootCAs that hold no PEM
+// certificate.
+var ErrNoPEMCertificate = errors.New("no PEM certificate")
+
+// check reports RootCAs that hold no certificate.
+func (t *ProbeTLS) check() error {
+	if t == nil || len(t.RootCAs) == 0 {
+		return nil
+	}
+	if !x509.NewCertPool().AppendCertsFromPEM(t.RootCAs) {
+		return ErrNoPEMCertificate
+	}
+	return nil
+}
+
+// clientConfig is the tls.Config of the probes; nil for plain HTTP.
+func (t *ProbeTLS) clientConfig() *tls.Config {
+	if t == nil {
+		return nil
+	}
+	c := &tls.Config{ServerName: t.ServerName, InsecureSkipVerify: t.InsecureSkipVerify, MinVersion: tls.VersionTLS12}
+	if len(t.RootCAs) > 0 {
+		c.RootCAs = x509.NewCertPool()
+		c.RootCAs.AppendCertsFromPEM(t.RootCAs)
+	}
+	return c
+}
+
+// key describes t for Config.Key: every setting, the CAs by their digest.
+func (t *ProbeTLS) key() string {
+	if t == nil {
+		return "off"
+	}
+	ca := "system"
+	if len(t.RootCAs) > 0 {
+		ca = fmt.Sprintf("%x", sha256.Sum256(t.RootCAs))
+	}
+	return fmt.Sprintf("sni=%q insecure=%t ca=%s", t.ServerName, t.InsecureSkipVerify, ca)
 }
 
 // CheckEvent describes one probe of one endpoint.
@@ -250,7 +304,7 @@ func newProber(cfg HealthCheck, svc Service, logger *atomic.Pointer[zap.Logger])
 		p.client = &http.Client{
 			Transport: &http.Transport{
 				DialContext:         p.dialer.DialContext,
-				TLSClientConfig:     cfg.TLS,
+				TLSClientConfig:     cfg.TLS.clientConfig(),
 				TLSHandshakeTimeout: cfg.Timeout,
 				DisableKeepAlives:   true, // every probe connects, as a new request would
 				DisableCompression:  true,

@@ -115,6 +115,9 @@ func (c HealthCheck) validate() error {
 	if c.TCP {
 		return errors.Join(errs...)
 	}
+	if err := c.TLS.check(); err != nil {
+		bad("tls: root CAs: %w", err)
+	}
 	// What http.NewRequest and the transport would refuse on every probe.
 	if c.Method == "" || strings.IndexFunc(c.Method, func(r rune) bool { return r > 0x7f || !httpguts.IsTokenRune(r) }) >= 0 {
 		bad("method %q is not an HTTP method (a token: letters, no spaces)", c.Method)

@@ -98,7 +98,7 @@ func (c Config) Key() string {
 		slices.Sort(hdr)
 		key += fmt.Sprintf(" health: tcp=%t %q %q port=%d status=%d body=%q headers=%q every=%s~%s timeout=%s passes=%d fails=%d inflight=%d optimistic=%t failfast=%t slowstart=%s tls=%q",
 			h.TCP, h.Method, h.URI, h.Port, h.Status, body, hdr, h.Interval, h.Jitter, h.Timeout, h.Passes, h.Fails,
-			h.MaxInFlight, h.Optimistic, h.FailFast, h.SlowStart, h.TLSKey)
+			h.MaxInFlight, h.Optimistic, h.FailFast, h.SlowStart, h.TLS.key())
 	}
 	return key
 }
