@@ -76,7 +76,7 @@ type WatcherStatus struct {
 	Endpoints []EndpointStatus `json:"endpoints"`
 	// HealthChecks is present when the endpoints are probed (`health_*` options).
 	HealthChecks *HealthStatus `json:"health_checks,omitempty"`
-	// Outcome of the last lookup (see discovery.Outcomes); empty while pending.
+	// Outcome of the last lookup (see discovery.AllOutcomes); empty while pending.
 	Outcome string `json:"outcome,omitempty"`
 	// Server is the DNS server that gave the last definitive answer.
 	Server string `json:"server,omitempty"`

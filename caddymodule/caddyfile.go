@@ -103,13 +103,13 @@ func newOptionParser(h *Headless) *optionParser {
 	return &optionParser{h: h, seen: map[string]bool{}}
 }
 
-// option parses one option at the cursor, as Headless.UnmarshalOption.
+// option parses one option at the cursor, as Headless.unmarshalOption.
 func (p *optionParser) option(d *caddyfile.Dispenser) (bool, error) {
 	opt, tok := d.Val(), d.Token()
 	if p.seen[opt] && !listOptions[opt] {
 		return true, d.Errf("headless: %s is given twice: give it once (only resolvers, allow_addresses, allow_cidrs and health_headers add up)", opt)
 	}
-	known, err := p.h.UnmarshalOption(d)
+	known, err := p.h.unmarshalOption(d)
 	if !known || err != nil {
 		return known, err
 	}
@@ -158,14 +158,14 @@ func (h *Headless) setService(d *caddyfile.Dispenser) error {
 	return nil
 }
 
-// UnmarshalOption parses one option at the cursor (the option name is the
+// unmarshalOption parses one option at the cursor (the option name is the
 // current token). It only turns tokens into values: it checks their form
 // and count, and refuses a 0 that would read as "left out" (refresh,
 // positive durations, candidates); every rule on the values themselves is
 // config's and the core's, reported at the option's line by optionParser. It reports false, without consuming anything, if the token is
 // not one of this source's options; the headless_proxy directive uses this to
 // mix these options with reverse_proxy's own.
-func (h *Headless) UnmarshalOption(d *caddyfile.Dispenser) (bool, error) {
+func (h *Headless) unmarshalOption(d *caddyfile.Dispenser) (bool, error) {
 	var err error
 	switch d.Val() {
 	// The list options add up when repeated.

@@ -153,7 +153,7 @@ func TestStatsAddCoversEveryField(t *testing.T) {
 	for i := range v.NumField() {
 		switch f := v.Field(i); f.Kind() {
 		case reflect.Map:
-			for _, o := range Outcomes {
+			for _, o := range outcomes {
 				one.Lookups[o] = 1
 			}
 		case reflect.Slice:
@@ -174,7 +174,7 @@ func TestStatsAddCoversEveryField(t *testing.T) {
 		name := s.Type().Field(i).Name
 		switch f := s.Field(i); f.Kind() {
 		case reflect.Map:
-			for _, o := range Outcomes {
+			for _, o := range outcomes {
 				if sum.Lookups[o] != 2 {
 					t.Errorf("%s[%s] = %d, want 2", name, o, sum.Lookups[o])
 				}

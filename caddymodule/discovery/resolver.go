@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -28,15 +29,12 @@ const (
 	OutcomeBadAnswer Outcome = "bad_answer"    // malformed, wrong question, other rcodes, TC over TCP
 )
 
-// Outcomes lists every Outcome, for callers that pre-create counters.
-var Outcomes = []Outcome{OutcomeSuccess, OutcomeNXDomain, OutcomeNoData, OutcomeServFail,
-	OutcomeRefused, OutcomeTimeout, OutcomeNetwork, OutcomeBadAnswer}
+// AllOutcomes lists every Outcome, for callers that pre-create counters;
+// a copy, so no caller can change what the package counts by.
+func AllOutcomes() []Outcome { return slices.Clone(outcomes) }
 
-// Transient reports whether the outcome says nothing about the Service (the
-// server could not answer), so the last good endpoint set should be kept.
-func (o Outcome) Transient() bool {
-	return o != OutcomeSuccess && o != OutcomeNXDomain && o != OutcomeNoData
-}
+var outcomes = []Outcome{OutcomeSuccess, OutcomeNXDomain, OutcomeNoData, OutcomeServFail,
+	OutcomeRefused, OutcomeTimeout, OutcomeNetwork, OutcomeBadAnswer}
 
 // LookupError is a failed question: which name, which server, what happened.
 type LookupError struct {

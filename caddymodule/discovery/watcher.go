@@ -182,15 +182,6 @@ type Watcher struct {
 // ErrNotResolved is returned while a Service has never been resolved.
 var ErrNotResolved = errors.New("not resolved yet")
 
-// Start creates a Watcher for cfg (with its defaults filled in) and begins
-// resolving at once, in the background. It logs through logger while no
-// other is attached.
-func Start(cfg Config, logger *zap.Logger) *Watcher {
-	w := New(cfg, logger)
-	w.Run()
-	return w
-}
-
 // Run begins resolving in the background, if the Watcher has not yet begun
 // (or been stopped). A Watcher made by New asks no DNS before Run, or before
 // the first Endpoints call, whichever comes first.
