@@ -8,8 +8,6 @@ import (
 	"net/http"
 	"slices"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -78,7 +76,7 @@ type WatcherStatus struct {
 	Endpoints []EndpointStatus `json:"endpoints"`
 	// HealthChecks is present when the endpoints are probed (`health_*` options).
 	HealthChecks *HealthStatus `json:"health_checks,omitempty"`
-	// Outcome of the last lookup (see discovery.Outcomes); empty while pending.
+	// Outcome of the last lookup (see discovery.AllOutcomes); empty while pending.
 	Outcome string `json:"outcome,omitempty"`
 	// Server is the DNS server that gave the last definitive answer.
 	Server string `json:"server,omitempty"`
@@ -183,9 +181,10 @@ func (a adminHeadless) serve(w http.ResponseWriter, r *http.Request) error {
 }
 
 // refresh looks up every selected watcher now and answers with their new
-// state. Concurrent requests for the same selection share one refresh: a
-// request that arrives while one runs waits for it, so a burst of POSTs
-// costs one lookup per watcher and at most refreshWorkers goroutines.
+// state: every answer comes from a lookup that started after the request
+// (Watcher.RequestRefresh). Concurrent requests cost no more lookups than
+// that: the watchers coalesce what is asked of them at once, and a request
+// starts no goroutine of its own.
 func (a adminHeadless) refresh(w http.ResponseWriter, r *http.Request, name string) error {
 	// Only the watchers of a running config: those of a config still
 	// loading (which may yet fail) must not start asking DNS.
@@ -193,13 +192,11 @@ func (a adminHeadless) refresh(w http.ResponseWriter, r *http.Request, name stri
 	if name != "" && len(entries) == 0 {
 		return notFound(name)
 	}
-	f := refreshes.join(strings.ToLower(name), entries)
-	select {
-	case <-f.done:
-	case <-r.Context().Done():
+	ctx, cancel := context.WithTimeout(r.Context(), refreshLimit)
+	defer cancel()
+	switch err := refreshAll(ctx, entries); {
+	case r.Context().Err() != nil:
 		return r.Context().Err()
-	}
-	switch err := f.err; {
 	case errors.Is(err, context.DeadlineExceeded):
 		return caddy.APIError{
 			HTTPStatus: http.StatusGatewayTimeout,
@@ -211,62 +208,32 @@ func (a adminHeadless) refresh(w http.ResponseWriter, r *http.Request, name stri
 	return writeStatus(w, entries)
 }
 
-// refreshWorkers bounds the lookups one refresh runs at once.
+// refreshWorkers bounds the lookups one refresh has asked for and not yet
+// seen finish.
 const refreshWorkers = 16
 
-// refreshes holds the refreshes in flight, by selection.
-var refreshes = flights{running: map[string]*flight{}}
-
-type flights struct {
-	mu      sync.Mutex
-	running map[string]*flight
-}
-
-// flight is one refresh of a selection; done closes when it finished, err
-// is then its first error.
-type flight struct {
-	done chan struct{}
-	err  error
-}
-
-// join returns the refresh of name in flight, or starts one of entries.
-func (fs *flights) join(name string, entries []selected) *flight {
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	if f := fs.running[name]; f != nil {
-		return f
-	}
-	f := &flight{done: make(chan struct{})}
-	fs.running[name] = f
-	go func() {
-		// Not the request's context: the refresh serves every waiter.
-		ctx, cancel := context.WithTimeout(context.Background(), refreshLimit)
-		defer cancel()
-		f.err = refreshAll(ctx, entries)
-		fs.mu.Lock()
-		delete(fs.running, name)
-		fs.mu.Unlock()
-		close(f.done)
-	}()
-	return f
-}
-
-// refreshAll refreshes the watchers, refreshWorkers at a time, and returns
-// the first error.
+// refreshAll refreshes the watchers and returns every error. It asks at
+// most refreshWorkers of them at once: it asks the first refreshWorkers,
+// then, each time it has waited for the oldest, the next one. The waits run
+// in order on the caller's goroutine; one watcher that is slow delays
+// asking the rest, never the answer of those asked.
 func refreshAll(ctx context.Context, entries []selected) error {
 	errs := make([]error, len(entries))
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	for range min(refreshWorkers, len(entries)) {
-		wg.Go(func() {
-			for i := int(next.Add(1) - 1); i < len(entries); i = int(next.Add(1) - 1) {
-				if _, err := entries[i].watcher.RefreshNow(ctx); err != nil {
-					errs[i] = fmt.Errorf("%s: %w", entries[i].watcher.Config().Service, err)
-				}
-			}
-		})
+	waits := make([]func(context.Context) (*discovery.Snapshot, error), len(entries))
+	asked := 0
+	for i := range entries {
+		for ; asked < len(entries) && asked < i+refreshWorkers && ctx.Err() == nil; asked++ {
+			waits[asked] = entries[asked].watcher.RequestRefresh()
+		}
+		err := ctx.Err() // the time is up: the rest is not asked
+		if waits[i] != nil {
+			_, err = waits[i](ctx)
+			waits[i] = nil
+		}
+		if err != nil {
+			errs[i] = fmt.Errorf("%s: %w", entries[i].watcher.Config().Service, err)
+		}
 	}
-	wg.Wait()
 	return errors.Join(slices.DeleteFunc(errs, func(e error) bool { return e == nil })...)
 }
 

@@ -26,6 +26,7 @@ import (
 
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/caddymodule/internal/poll"
 )
 
 // The zones of these tests, as CoreDNS would serve them.
@@ -354,7 +355,7 @@ func TestAdminStaleLimitExpires(t *testing.T) {
 		t.Fatalf("first failure: %s", toJSON(got))
 	}
 	var got WatcherStatus
-	eventually(t, "the stale bound to pass", func() bool { got = c.one(frontend); return got.Expired })
+	poll.Until(t, "the stale bound to pass", func() bool { got = c.one(frontend); return got.Expired })
 	if got.Status != "failing" || len(got.Endpoints) != 0 || got.StaleLimitSeconds != 0.5 ||
 		!strings.Contains(got.Error, "SERVFAIL") || got.ErrorAt.Sub(got.StaleSince) < 500*time.Millisecond {
 		t.Fatalf("past the stale bound: %s", toJSON(got))
@@ -524,8 +525,8 @@ func TestObservabilityDocumented(t *testing.T) {
 	}
 }
 
-// A burst of POST /headless/refresh shares one refresh, run by a bounded
-// number of goroutines: 100 requests for 200 watchers once made 20,000
+// A burst of POST /headless/refresh shares the watchers' lookups and starts
+// no goroutine per watcher: 100 requests for 200 watchers once made 20,000
 // goroutines, one per watcher per request.
 func TestAdminRefreshBurstCoalesced(t *testing.T) {
 	const nWatchers, nRequests = 200, 100
@@ -714,4 +715,73 @@ func TestAdminRefreshSkipsPendingWatchers(t *testing.T) {
 	if n := pendingDNS.Queries(); n != 0 || pending.Running() {
 		t.Fatalf("the pending config's watcher asked DNS %d times (running %t)", n, pending.Running())
 	}
+}
+
+// POST /headless/refresh answers from lookups that started after the
+// request (Watcher.RefreshNow's guarantee), also when a refresh of the same
+// selection is running: a request that joined it would get the answer of a
+// lookup that started before it. Here the running refresh's lookup is held
+// by the DNS server with the old zone's answer while the zone changes and a
+// second request comes; the second must see the new zone.
+func TestAdminRefreshAnswersFromLookupsAfterRequest(t *testing.T) {
+	dnsSrv := dnstest.Start(t, frontendZone)
+	var block atomic.Bool
+	held := make(chan struct{}, 16)
+	release := make(chan struct{})
+	dnsSrv.Hook(func(w dns.ResponseWriter, q *dns.Msg) bool {
+		if block.CompareAndSwap(true, false) { // only the first question after block is set
+			held <- struct{}{}
+			<-release // answered then with the zone as it was when asked
+		}
+		return false
+	})
+	c := startAdminCaddy(t, []upstream{{service: frontend, resolvers: []string{dnsSrv.Addr}}})
+	if got := c.one(frontend); addresses(got.Endpoints) != "10.1.0.2:8001 10.1.0.3:8001" {
+		t.Fatalf("first refresh: %s", toJSON(got))
+	}
+	// A POST from a goroutine of its own: c.one may not fail the test there.
+	post := func(out chan<- string) {
+		req, _ := http.NewRequest(http.MethodPost, "http://"+c.admin+"/headless/refresh/"+frontend, nil)
+		resp, err := adminClient.Do(req)
+		if err != nil {
+			out <- err.Error()
+			return
+		}
+		defer resp.Body.Close()
+		var got []WatcherStatus
+		if err := json.NewDecoder(resp.Body).Decode(&got); err != nil || len(got) != 1 {
+			out <- fmt.Sprintf("%d: %v %v", resp.StatusCode, got, err)
+			return
+		}
+		out <- addresses(got[0].Endpoints)
+	}
+
+	block.Store(true)
+	first, second := make(chan string, 1), make(chan string, 1)
+	go post(first)
+	<-held // the first request's lookup is in flight, with the old zone's answer
+	dnsSrv.MustSet(t, "frontend.bbs.svc.cluster.local. 5 IN A 10.1.0.9")
+	go post(second)
+	// Both requests are waiting in the handler before the held lookup ends.
+	poll.Until(t, "two refresh requests waiting", func() bool { return goroutinesIn("caddymodule.adminHeadless.refresh") == 2 })
+	close(release)
+
+	if got := <-first; got != "10.1.0.2:8001 10.1.0.3:8001" {
+		t.Errorf("first request: %s; want the old zone its lookup was answered with", got)
+	}
+	if got := <-second; got != "10.1.0.9:8001" {
+		t.Errorf("second request: %s; want the new zone, from a lookup that started after it", got)
+	}
+}
+
+// goroutinesIn counts the goroutines with fn on their stack.
+func goroutinesIn(fn string) int {
+	buf := make([]byte, 8<<20)
+	n := 0
+	for _, g := range strings.Split(string(buf[:runtime.Stack(buf, true)]), "\n\n") {
+		if strings.Contains(g, fn+"(") {
+			n++
+		}
+	}
+	return n
 }

@@ -35,15 +35,7 @@ func (*headlessApp) CaddyModule() caddy.ModuleInfo {
 }
 
 // appOf returns the headless app of ctx's config, loading it the first time.
-// A bare context made without a config (caddy.NewContext of an empty one, as
-// unit tests do) has none: Caddy's ctx.App panics there, and nil is returned;
-// the watchers then start on their first request.
-func appOf(ctx caddy.Context) (app *headlessApp, err error) {
-	defer func() {
-		if recover() != nil {
-			app, err = nil, nil
-		}
-	}()
+func appOf(ctx caddy.Context) (*headlessApp, error) {
 	a, err := ctx.App(appName)
 	if err != nil {
 		return nil, err

@@ -27,7 +27,7 @@ func BenchmarkGetUpstreams(b *testing.B) {
 			fmt.Fprintf(&zone, "app%d.bbs.svc.cluster.local. 5 IN A 10.2.%d.%d\n", n, i/250, i%250+1)
 		}
 		srv := dnstest.Start(b, zone.String())
-		ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+		ctx, cancel := newCtx(b)
 		b.Cleanup(func() { cancel() })
 
 		sources := []struct {

@@ -109,13 +109,13 @@ func newOptionParser(h *Headless) *optionParser {
 	return &optionParser{h: h, seen: map[string]bool{}}
 }
 
-// option parses one option at the cursor, as Headless.UnmarshalOption.
+// option parses one option at the cursor, as Headless.unmarshalOption.
 func (p *optionParser) option(d *caddyfile.Dispenser) (bool, error) {
 	opt, tok := d.Val(), d.Token()
 	if p.seen[opt] && !listOptions[opt] {
 		return true, d.Errf("headless: %s is given twice: give it once (only resolvers, allow_addresses, allow_cidrs and health_headers add up)", opt)
 	}
-	known, err := p.h.UnmarshalOption(d)
+	known, err := p.h.unmarshalOption(d)
 	if !known || err != nil {
 		return known, err
 	}
@@ -164,11 +164,14 @@ func (h *Headless) setService(d *caddyfile.Dispenser) error {
 	return nil
 }
 
-// UnmarshalOption parses one option at the cursor (the option name is the
-// current token). It reports false, without consuming anything, if the token is
+// unmarshalOption parses one option at the cursor (the option name is the
+// current token). It only turns tokens into values: it checks their form
+// and count, and refuses a 0 that would read as "left out" (refresh,
+// positive durations, candidates); every rule on the values themselves is
+// config's and the core's, reported at the option's line by optionParser. It reports false, without consuming anything, if the token is
 // not one of this source's options; the headless_proxy directive uses this to
 // mix these options with reverse_proxy's own.
-func (h *Headless) UnmarshalOption(d *caddyfile.Dispenser) (bool, error) {
+func (h *Headless) unmarshalOption(d *caddyfile.Dispenser) (bool, error) {
 	var err error
 	switch d.Val() {
 	// The list options add up when repeated.
@@ -325,12 +328,15 @@ func (h *Headless) unmarshalHealth(d *caddyfile.Dispenser) (bool, error) {
 		if v, err = one(); err != nil {
 			break
 		}
+		// The form only: a class is written Nxx and becomes the digit N
+		// (expect_status's class form), a code is three digits. Which
+		// codes and classes exist is the core's rule.
 		num := v
 		if len(v) == 3 && strings.HasSuffix(v, "xx") {
 			num = v[:1]
 		}
 		n, cerr := strconv.Atoi(num)
-		if cerr != nil || !(n >= 1 && n <= 5 && num != v || n >= 100 && n <= 599) {
+		if cerr != nil || len(num) != 1 && len(num) != 3 || len(num) == 1 && num == v || strings.ContainsAny(num, "+-") {
 			err = d.Errf("headless: health_status %q: use a code (200) or a class (2xx)", v)
 		}
 		hc.ExpectStatus = n
@@ -387,8 +393,10 @@ func numberArg(d *caddyfile.Dispenser) (int, error) {
 	return n, nil
 }
 
-// durationArg returns the option's single argument as a duration, not
-// negative, and above zero if positive is set.
+// durationArg returns the option's single argument as a duration, above
+// zero if positive is set: written 0, such an option would read as left
+// out (its default) in the JSON, so the Caddyfile refuses it. Every other
+// rule on the value (negative, floors) is the core's (config).
 func durationArg(d *caddyfile.Dispenser, positive bool) (caddy.Duration, error) {
 	opt := d.Val()
 	v, err := oneArg(d)
@@ -402,13 +410,11 @@ func durationArg(d *caddyfile.Dispenser, positive bool) (caddy.Duration, error) 
 	return dur, err
 }
 
+// parseDuration turns a token into a duration; its range is the core's.
 func parseDuration(d *caddyfile.Dispenser, field, s string) (caddy.Duration, error) {
 	dur, err := caddy.ParseDuration(s)
 	if err != nil {
 		return 0, d.Errf("headless: %s: bad duration %q: %v", field, s, err)
-	}
-	if dur < 0 {
-		return 0, d.Errf("headless: %s: duration %q must not be negative", field, s)
 	}
 	return caddy.Duration(dur), nil
 }

@@ -129,8 +129,13 @@ func FuzzUnmarshalCaddyfile(f *testing.F) {
 		if cfg.RefreshMin <= 0 || cfg.RefreshMax < cfg.RefreshMin || cfg.Stale < 0 || !cfg.IPv4 && !cfg.IPv6 {
 			t.Fatalf("accepted config is not usable: %+v", cfg)
 		}
-		if cfg.Resolver.Timeout <= 0 || cfg.Resolver.UDPSize < 512 || len(cfg.Resolver.Servers) == 0 {
+		if cfg.Resolver.Timeout <= 0 || cfg.Resolver.UDPSize < 512 || cfg.Resolver.UDPSize > 65535 || len(cfg.Resolver.Servers) == 0 {
 			t.Fatalf("accepted resolver is not usable: %+v", cfg.Resolver)
+		}
+		for _, s := range cfg.Resolver.Servers {
+			if n, err := discovery.NormalizeServer(s); err != nil || n != s {
+				t.Fatalf("accepted resolver %q is not in host:port form (%q, %v)", s, n, err)
+			}
 		}
 
 		// The same block inside a site, through Caddy's adapter: no panic.

@@ -198,11 +198,10 @@ func (h *Headless) Provision(ctx caddy.Context) error {
 	if err := checkPolicy(ctx.Modules()); err != nil {
 		return fmt.Errorf("%s: %w", h, err)
 	}
-	for i, cfg := range cfgs {
-		if err := h.HealthChecks.loadCA(cfg.Service.Ref, cfg.Health); err != nil {
+	for i := range cfgs {
+		if err := h.HealthChecks.loadCA(cfgs[i].Service.Ref, &cfgs[i]); err != nil {
 			return err
 		}
-		cfgs[i] = cfg
 	}
 	app, err := appOf(ctx)
 	if err != nil {
@@ -253,11 +252,15 @@ func (h *Headless) Provision(ctx caddy.Context) error {
 	return nil
 }
 
-// config validates the fields and turns them into a watcher configuration,
-// completing what is left out from det, the pod's environment. It is the one
-// place the rules of the fields are checked (the core's Config.Validate
-// checks the rest): Provision calls it, and so do the Caddyfile parsers, to
-// report an error at its file and line. It reads no file and asks no DNS.
+// config turns the fields into a watcher configuration, completing what is
+// left out from det, the pod's environment, and returns the core's verdict
+// on it (discovery.Config.Validate, the owner of the rules on the values).
+// What it checks itself is only what the translation needs: names it must
+// parse (service, namespace, cluster_domain), words it must map
+// (allow_addresses, health mode), and what has no place in the core's
+// Config (candidates, slow_start without health checks). Provision calls it,
+// and so do the Caddyfile parsers, which report its error at the option's
+// file and line. It reads no file and asks no DNS.
 func (h *Headless) config(det discovery.Detected) (discovery.Config, error) {
 	if h.Service == "" && len(h.Services) > 0 {
 		cfgs, err := h.configs(det) // the first Service's
@@ -296,17 +299,7 @@ func (h *Headless) config(det discovery.Detected) (discovery.Config, error) {
 	if h.Candidates < -1 {
 		return fail("candidates must be -1 (all), 0 (the default) or a count, got %d", h.Candidates)
 	}
-	if h.EDNSBufferSize != 0 && (h.EDNSBufferSize < 512 || h.EDNSBufferSize > 65535) {
-		return fail("edns_buffer_size must be in 512-65535, got %d", h.EDNSBufferSize)
-	}
-	res := &discovery.Resolver{Timeout: time.Duration(h.DialTimeout), UDPSize: uint16(h.EDNSBufferSize)}
-	for _, s := range servers {
-		addr, err := discovery.NormalizeServer(s)
-		if err != nil {
-			return fail("resolvers: %v", err)
-		}
-		res.Servers = append(res.Servers, addr)
-	}
+	res := &discovery.Resolver{Servers: servers, Timeout: time.Duration(h.DialTimeout), UDPSize: h.EDNSBufferSize}
 	cfg := discovery.Config{
 		Service:    svc,
 		IPv4:       true,

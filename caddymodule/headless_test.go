@@ -21,6 +21,7 @@ import (
 
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/caddymodule/internal/poll"
 )
 
 const appZone = `
@@ -28,9 +29,17 @@ app.bbs.svc.cluster.local. 5 IN A 10.1.0.2
 app.bbs.svc.cluster.local. 5 IN A 10.1.0.3
 `
 
-func newCtx(t *testing.T) (caddy.Context, context.CancelFunc) {
+// newCtx is a context of a real config, with no apps configured: as in a
+// running Caddy, a Headless provisioned in it loads the headless app (which
+// is not started here, so a watcher starts on its first request). Cancel
+// cleans up what was provisioned in it.
+func newCtx(t testing.TB) (caddy.Context, context.CancelFunc) {
 	t.Helper()
-	return caddy.NewContext(caddy.Context{Context: context.Background()})
+	base, err := caddy.ProvisionContext(&caddy.Config{})
+	if err != nil {
+		t.Fatalf("a config without apps: %v", err)
+	}
+	return caddy.NewContext(base)
 }
 
 func provision(t *testing.T, h *Headless) {
@@ -99,18 +108,7 @@ func TestWatcherSharedByEqualQuestions(t *testing.T) {
 	if users(b.key) != 0 || users(c.key) != 0 {
 		t.Fatal("watchers still referenced after the last Cleanup")
 	}
-	waitGoroutines(t, base)
-}
-
-func waitGoroutines(t *testing.T, base int) {
-	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-		if runtime.NumGoroutine() <= base {
-			return
-		}
-	}
-	buf := make([]byte, 1<<20)
-	t.Fatalf("%d goroutines, baseline %d:\n%s", runtime.NumGoroutine(), base, buf[:runtime.Stack(buf, true)])
+	poll.Goroutines(t, base)
 }
 
 // config is a minimal Caddy JSON config with one reverse_proxy per service.
@@ -183,7 +181,7 @@ func TestReloadReusesRunningWatcher(t *testing.T) {
 	if users(key) != 0 {
 		t.Fatalf("%d users after unloading", users(key))
 	}
-	waitGoroutines(t, base)
+	poll.Goroutines(t, base)
 }
 
 func TestProvisionNeverWaitsOnDNS(t *testing.T) {
@@ -344,6 +342,9 @@ func TestProvisionRejectsBadConfig(t *testing.T) {
 		{Headless{Service: "app:8080", RefreshMin: caddy.Duration(time.Second), RefreshMax: caddy.Duration(time.Millisecond)}, "refresh"},
 		{Headless{Service: "app:8080", Stale: -1}, "stale"},
 		{Headless{Service: "app:8080", EDNSBufferSize: 100}, "edns_buffer_size"},
+		// Above 65535: refused, not wrapped around into 512-65535 (70000 is 4464 as a uint16).
+		{Headless{Service: "app:8080", EDNSBufferSize: 70000}, "edns_buffer_size must be in 512-65535, got 70000"},
+		{Headless{Service: "app:8080", HealthChecks: &HealthChecks{ExpectStatus: 600}}, "expect_status 600"},
 		{Headless{Service: "app:8080", Versions: &reverseproxy.IPVersions{IPv4: new(bool)}}, "versions"},
 		// Floors, the same as the Caddyfile's (issue 13).
 		{Headless{Service: "app:8080", RefreshMin: 1}, "refresh_min 1ns is below the minimum of 100ms"},

@@ -1,9 +1,7 @@
 package caddymodule
 
 import (
-	"crypto/sha256"
-	"crypto/tls"
-	"crypto/x509"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -128,27 +126,29 @@ func (c *HealthChecks) check(service string) (*discovery.HealthCheck, error) {
 		hc.Body = re
 	}
 	if t := c.TLS; t != nil {
-		hc.TLS = &tls.Config{ServerName: t.ServerName, InsecureSkipVerify: t.InsecureSkipVerify, MinVersion: tls.VersionTLS12}
-		hc.TLSKey = fmt.Sprintf("sni=%q insecure=%t ca=%q", t.ServerName, t.InsecureSkipVerify, t.CA)
+		// Values only: the core builds the tls.Config and tells the
+		// settings apart in the watcher's key.
+		hc.TLS = &discovery.ProbeTLS{ServerName: t.ServerName, InsecureSkipVerify: t.InsecureSkipVerify}
 	}
 	return hc, nil
 }
 
-// loadCA reads the tls.ca file into hc (made by check from c); nothing to
-// do without one. Its error names the option and the Service.
-func (c *HealthChecks) loadCA(service string, hc *discovery.HealthCheck) error {
-	if c == nil || c.TLS == nil || c.TLS.CA == "" || hc == nil || hc.TLS == nil {
+// loadCA reads the tls.ca file into cfg's health check (made by check from
+// c) and has the core check it again with the file's contents; nothing to
+// do without one. Its error names the option, the file and the Service.
+func (c *HealthChecks) loadCA(service string, cfg *discovery.Config) error {
+	if c == nil || c.TLS == nil || c.TLS.CA == "" || cfg.Health == nil || cfg.Health.TLS == nil {
 		return nil
 	}
 	pem, err := os.ReadFile(c.TLS.CA)
 	if err != nil {
 		return fmt.Errorf("headless %s: health_tls_ca: %v", service, err)
 	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
+	cfg.Health.TLS.RootCAs = pem
+	if err := cfg.Validate(); errors.Is(err, discovery.ErrNoPEMCertificate) {
 		return fmt.Errorf("headless %s: health_tls_ca: no PEM certificate in %s", service, c.TLS.CA)
+	} else if err != nil {
+		return fmt.Errorf("headless %s: health_tls_ca %s: %v", service, c.TLS.CA, err)
 	}
-	hc.TLS.RootCAs = pool
-	hc.TLSKey += fmt.Sprintf(" ca_pem=%x", sha256.Sum256(pem))
 	return nil
 }

@@ -3,11 +3,14 @@ package caddymodule
 import (
 	"context"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"strings"
@@ -23,6 +26,7 @@ import (
 
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/caddymodule/internal/poll"
 )
 
 // healthBackend is an HTTP server on loopback answering its health checks
@@ -64,18 +68,6 @@ func healthSource(srv *dnstest.Server, hc HealthChecks) *Headless {
 		AllowAddresses: []string{"loopback"}}
 }
 
-// eventually polls cond until it holds, for at most 30s.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("not within 30s: %s", what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
-
 func upstreamsAre(t *testing.T, h *Headless, want string) func() bool {
 	return func() bool {
 		ups, err := getUpstreams(t, h)
@@ -107,8 +99,8 @@ func TestHealthGetUpstreams(t *testing.T) {
 			provision(t, h)
 			t.Cleanup(func() { h.Cleanup() })
 
-			eventually(t, "only the good backend", upstreamsAre(t, h, good.dial))
-			eventually(t, "the bad backend probed", func() bool {
+			poll.Until(t, "only the good backend", upstreamsAre(t, h, good.dial))
+			poll.Until(t, "the bad backend probed", func() bool {
 				st, ok := h.watcher.Prober().Health(bad.dial)
 				return ok && st.State == discovery.Unhealthy
 			})
@@ -126,7 +118,7 @@ func TestHealthGetUpstreams(t *testing.T) {
 			}
 
 			good.status.Store(503)
-			eventually(t, "panic", func() bool { return h.watcher.Prober().View().Panic })
+			poll.Until(t, "panic", func() bool { return h.watcher.Prober().View().Panic })
 			ups, err := getUpstreams(t, h)
 			switch {
 			case failFast && (err == nil || !errors.Is(err, discovery.ErrNoneHealthy) || !strings.Contains(err.Error(), "app.bbs")):
@@ -139,7 +131,7 @@ func TestHealthGetUpstreams(t *testing.T) {
 			}
 
 			bad.status.Store(200)
-			eventually(t, "the other backend back", upstreamsAre(t, h, bad.dial))
+			poll.Until(t, "the other backend back", upstreamsAre(t, h, bad.dial))
 		})
 	}
 }
@@ -153,7 +145,7 @@ func TestHealthSharedAcrossReload(t *testing.T) {
 	srv := dnstest.Start(t, srvZone(t, good, bad))
 	old := healthSource(srv, HealthChecks{Fails: 2})
 	provision(t, old)
-	eventually(t, "only the good backend", upstreamsAre(t, old, good.dial))
+	poll.Until(t, "only the good backend", upstreamsAre(t, old, good.dial))
 
 	// The new config provisions before the old one is cleaned up.
 	reloaded := healthSource(srv, HealthChecks{Fails: 2})
@@ -248,7 +240,7 @@ func TestHealthMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { h.Cleanup() })
-	eventually(t, "only the good backend", upstreamsAre(t, h, good.dial))
+	poll.Until(t, "only the good backend", upstreamsAre(t, h, good.dial))
 
 	gather := func() map[string]float64 {
 		families, err := ctx.GetMetricsRegistry().Gather()
@@ -285,14 +277,14 @@ func TestHealthMetrics(t *testing.T) {
 	// The counters follow the state a moment later (the hook runs after the
 	// state is published).
 	var m map[string]float64
-	eventually(t, "metrics of one good, one bad endpoint", func() bool {
+	poll.Until(t, "metrics of one good, one bad endpoint", func() bool {
 		m = gather()
 		return m["caddy_headless_healthy_endpoints"] == 1 && m["caddy_headless_health_panic"] == 0 &&
 			m["caddy_headless_health_checks_total/fail"] >= 1 && m["caddy_headless_health_checks_total/pass"] >= 1 &&
 			m["caddy_headless_health_transitions_total/unhealthy"] == 1 && m["caddy_headless_health_transitions_total/healthy"] == 1
 	})
 	good.status.Store(500)
-	eventually(t, "metrics in panic", func() bool {
+	poll.Until(t, "metrics in panic", func() bool {
 		m = gather()
 		return m["caddy_headless_health_panic"] == 1 && m["caddy_headless_healthy_endpoints"] == 0 &&
 			m["caddy_headless_health_transitions_total/unhealthy"] == 2
@@ -380,5 +372,54 @@ func TestSlowStartConfig(t *testing.T) {
 	}
 	if err := checkSlowStartPolicy([]caddy.Module{&reverseproxy.Handler{LoadBalancing: &reverseproxy.LoadBalancing{SelectionPolicy: &reverseproxy.IPHashSelection{}}}, h}, 0); err != nil {
 		t.Errorf("without slow_start: %v", err)
+	}
+}
+
+// The watcher key of HTTPS probes is the core's, from the settings as
+// values: a CA file's contents part watchers (its path does not), as do the
+// server name and insecure_skip_verify; a file without a certificate is
+// refused with its name.
+func TestHealthTLSKeyFromTheCore(t *testing.T) {
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}))
+	srv.Close()
+	ca := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw})
+	dir := t.TempDir()
+	write := func(name string, b []byte) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	a, sameAsA, other, notPEM := write("a.pem", ca), write("copy.pem", ca), write("b.pem", append(append([]byte(nil), ca...), ca...)), write("x.pem", []byte("not a certificate"))
+	key := func(tls HealthTLS) (string, error) {
+		h := &Headless{Service: "app.bbs:8080", Resolvers: []string{"127.0.0.1"}, HealthChecks: &HealthChecks{TLS: &tls}}
+		ctx, cancel := newCtx(t)
+		defer cancel()
+		err := h.Provision(ctx)
+		if err == nil {
+			defer h.Cleanup()
+		}
+		return h.key, err
+	}
+	must := func(tls HealthTLS) string {
+		t.Helper()
+		k, err := key(tls)
+		if err != nil {
+			t.Fatalf("%+v: %v", tls, err)
+		}
+		return k
+	}
+	base := must(HealthTLS{ServerName: "app", CA: a})
+	if k := must(HealthTLS{ServerName: "app", CA: sameAsA}); k != base {
+		t.Errorf("the same CA at another path: another watcher\n%s\n%s", base, k)
+	}
+	for _, tc := range []HealthTLS{{ServerName: "app", CA: other}, {ServerName: "other", CA: a}, {ServerName: "app", CA: a, InsecureSkipVerify: true}, {ServerName: "app"}} {
+		if k := must(tc); k == base {
+			t.Errorf("%+v shares the watcher of %+v", tc, HealthTLS{ServerName: "app", CA: a})
+		}
+	}
+	if _, err := key(HealthTLS{CA: notPEM}); err == nil || !strings.Contains(err.Error(), "health_tls_ca: no PEM certificate in "+notPEM) {
+		t.Errorf("a CA file without a certificate: %v", err)
 	}
 }

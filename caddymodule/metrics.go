@@ -215,16 +215,17 @@ func (c *serviceCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, label := range order {
 		s := series[label]
 		st := s.stats
-		for _, o := range discovery.Outcomes {
+		for _, o := range discovery.AllOutcomes() {
 			ch <- prometheus.MustNewConstMetric(descLookups, prometheus.CounterValue, float64(st.Lookups[o]), label, string(o))
 		}
 		ch <- prometheus.MustNewConstMetric(descQueries, prometheus.CounterValue, float64(st.Queries), label)
 		ch <- prometheus.MustNewConstMetric(descTruncated, prometheus.CounterValue, float64(st.Truncated), label)
 		ch <- prometheus.MustNewConstMetric(descDropped, prometheus.CounterValue, float64(st.Dropped), label, "bound")
 		ch <- prometheus.MustNewConstMetric(descDropped, prometheus.CounterValue, float64(st.Refused), label, "address")
-		cum := make(map[float64]uint64, len(discovery.DurationBuckets))
+		buckets := discovery.DurationBuckets()
+		cum := make(map[float64]uint64, len(buckets))
 		var acc uint64
-		for i, ub := range discovery.DurationBuckets {
+		for i, ub := range buckets {
 			acc += st.Durations[i]
 			cum[ub.Seconds()] = acc
 		}

@@ -139,7 +139,8 @@ func startTestWatcher(t *testing.T, srv *dnstest.Server, ref string) (string, *d
 	// A key of its own, so watchers of the same Service stay apart.
 	testWatchers++
 	key := fmt.Sprintf("%s #%d %s", t.Name(), testWatchers, cfg.Key())
-	w := discovery.Start(cfg, nil)
+	w := discovery.New(cfg, nil)
+	w.Run()
 	t.Cleanup(w.Stop)
 	if w.Wait(context.Background(), 10*time.Second) == nil {
 		t.Fatalf("%s: no answer from %s", ref, srv.Addr)
@@ -148,7 +149,7 @@ func startTestWatcher(t *testing.T, srv *dnstest.Server, ref string) (string, *d
 }
 
 func newTestContext(t *testing.T) caddy.Context {
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	ctx, cancel := newCtx(t)
 	t.Cleanup(cancel)
 	return ctx
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/common/expfmt"
 
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/caddymodule/internal/poll"
 )
 
 // splitJSON is a reverse_proxy body whose one headless source holds the
@@ -366,7 +367,7 @@ func TestSplitUnhealthyServiceGivesShare(t *testing.T) {
 		}
 		return vm, pods
 	}
-	eventually(t, "the pods' endpoint found unhealthy", func() bool {
+	poll.Until(t, "the pods' endpoint found unhealthy", func() bool {
 		st, ok := src.uses[1].watcher.Prober().Health(podB.dial)
 		return ok && st.State.String() == "unhealthy"
 	})
@@ -374,5 +375,5 @@ func TestSplitUnhealthyServiceGivesShare(t *testing.T) {
 		t.Fatalf("pods unhealthy: vm %d, pods %d; want all 200 on the VM", vm, pods)
 	}
 	podB.status.Store(200)
-	eventually(t, "the pods take their share again", func() bool { _, pods := side(); return pods > 100 })
+	poll.Until(t, "the pods take their share again", func() bool { _, pods := side(); return pods > 100 })
 }

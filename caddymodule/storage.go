@@ -57,7 +57,8 @@ type K8sStorage struct {
 	LeaseDuration caddy.Duration `json:"lease_duration,omitempty"`
 
 	// How often a held lock is renewed; at most half of lease_duration.
-	// Default: 15s.
+	// Default: min(15s, lease_duration/4), which is 15s with the default
+	// lease.
 	RenewInterval caddy.Duration `json:"renew_interval,omitempty"`
 
 	// The apiserver, https://host:port. Default: in a pod,

@@ -120,7 +120,7 @@ func zoneVars(v4, v6 [4]string) *strings.Replacer {
 // TestClusterDNSAnswers asks the real CoreDNS, serving Services and
 // EndpointSlices from the real kube-apiserver, and dnstest, serving
 // clusterZone, the same questions: both must give the replies of one table
-// (kube-dns-answers.md), so "dnstest answers like CoreDNS" is checked by the
+// (docs/kube-dns-answers.md), so "dnstest answers like CoreDNS" is checked by the
 // cases that the unit tests rely on.
 func TestClusterDNSAnswers(t *testing.T) {
 	t.Run("dnstest", func(t *testing.T) {

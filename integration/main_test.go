@@ -63,9 +63,15 @@ var (
 	toolNames = []string{"etcd", "kube-apiserver", "kubectl", "coredns", "pebble"}
 )
 
+// requireToolsEnv, set by integration/run.sh (and so by make test and CI),
+// turns missing tool binaries from a skip into a failure. A bare `go test`
+// in integration/ without it still skips, for a quick compile check.
+const requireToolsEnv = "E2E_REQUIRE_TOOLS"
+
 // requireSuite returns the shared environment, or skips the test when the
-// tool binaries are not built, or fails it when the environment could not be
-// set up.
+// tool binaries are not built and E2E_REQUIRE_TOOLS is unset (TestMain fails
+// the run when it is set), or fails it when the environment could not be set
+// up.
 func requireSuite(t *testing.T) *suite {
 	t.Helper()
 	if skipWhy != "" {
@@ -96,7 +102,14 @@ func TestMain(m *testing.M) {
 		}
 	}
 	if len(missing) > 0 {
-		skipWhy = fmt.Sprintf("tool binaries %v missing in %s: run integration/build-tools.sh (or integration/run.sh) first", missing, bin)
+		why := fmt.Sprintf("tool binaries %v missing in %s: run integration/build-tools.sh (or integration/run.sh) first", missing, bin)
+		if os.Getenv(requireToolsEnv) != "" {
+			// Under integration/run.sh (make test, CI) a missing tool is a
+			// failure: a suite that skips everything must not report ok.
+			fmt.Fprintf(os.Stderr, "e2e: FAIL: %s (%s is set)\n", why, requireToolsEnv)
+			os.Exit(1)
+		}
+		skipWhy = why
 		os.Exit(m.Run())
 	}
 

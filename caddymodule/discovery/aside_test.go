@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/caddymodule/internal/poll"
 )
 
 const asideZone = `
@@ -80,7 +81,7 @@ func TestSetAsideUntilAConnectionSucceeds(t *testing.T) {
 	w.SetAside("10.1.0.3:80")
 	<-f.started
 	f.answers["10.1.0.3:80"] <- nil // it accepts again
-	eventually(t, "the endpoint taken back", func() bool { return len(mustEndpoints(t, w)) == 3 })
+	poll.Until(t, "the endpoint taken back", func() bool { return len(mustEndpoints(t, w)) == 3 })
 	if n := logs.FilterMessageSnippet("endpoint set aside").Len(); n != 1 {
 		t.Errorf("%d 'set aside' log lines, want 1", n)
 	}

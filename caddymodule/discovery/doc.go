@@ -22,5 +22,20 @@
 //   - status.go: one Status of a Watcher (state, health, Stats counted since it
 //     started) for every reader to translate: admin endpoint, metrics.
 //
+// Beside that line of reading:
+//
+//   - validate.go: Config.Validate, every rule on a Config's values (floors on
+//     intervals and timeouts, ranges, header names), and Config.Key.
+//   - addresses.go: the AddressPolicy that drops loopback, link-local and
+//     other addresses cluster DNS never hands out, unless allowed.
+//   - warnings.go: a warning is repeated only when what it says changes, or
+//     after warnRepeat: a DNS outage writes no log line per lookup.
+//   - aside.go: an endpoint whose dial failed is set aside (no requests) until
+//     a connection to it succeeds or it leaves DNS.
+//   - sample.go: a Sampler hands each request a few of the eligible endpoints,
+//     so the request path costs the same for 1 and 1,000 of them.
+//   - doc.go: this overview. dnstest (its own package) is the in-process DNS
+//     server of the tests, answering as docs/kube-dns-answers.md describes.
+//
 // Nothing in this package knows about Caddy; caddymodule is the glue.
 package discovery

@@ -71,7 +71,7 @@ func fuzzAnswerSeeds(tb testing.TB) [][]byte {
 		fmt.Fprintf(&manySRV, "t%d.frontend.bbs.svc.cluster.local. 5 IN A 10.2.%d.%d\n", i%3, i>>8, i&255)
 	}
 	seeds := [][]byte{
-		// The shapes of kube-dns-answers.md.
+		// The shapes of docs/kube-dns-answers.md.
 		fuzzReply(tb, fuzzFQDN, dns.TypeA, dns.RcodeSuccess, `
 			frontend.bbs.svc.cluster.local. 5 IN A 10.1.0.2
 			frontend.bbs.svc.cluster.local. 5 IN A 10.1.0.3`),

@@ -2,7 +2,9 @@ package discovery
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -11,6 +13,7 @@ import (
 	"net/http"
 	"net/url"
 	"regexp"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"sync"
@@ -61,10 +64,62 @@ type HealthCheck struct {
 	// SlowStart, if set, ramps a newly healthy endpoint's share of requests
 	// up over this long (see HealthView.Ramp).
 	SlowStart time.Duration
-	// TLS, if set, makes the HTTP probes HTTPS with this configuration.
-	TLS *tls.Config
-	// TLSKey describes TLS for Config.Key (a tls.Config cannot be compared).
-	TLSKey string
+	// TLS, if set, makes the HTTP probes HTTPS with these settings.
+	TLS *ProbeTLS
+}
+
+// ProbeTLS are the settings of HTTPS probes, as values: the Prober builds
+// the tls.Config from them (clientConfig) and Config.Key tells them apart,
+// so no caller composes either.
+type ProbeTLS struct {
+	// ServerName is sent as SNI, and the certificate must be valid for it.
+	ServerName string
+	// InsecureSkipVerify accepts any certificate.
+	InsecureSkipVerify bool
+	// RootCAs is PEM of the CA certificates to verify with; empty means the
+	// system's roots. (The configuration layer reads the file; the core
+	// reads none.)
+	RootCAs []byte
+}
+
+// ErrNoPEMCertificate is Validate's error for RootCAs that hold no PEM
+// certificate.
+var ErrNoPEMCertificate = errors.New("no PEM certificate")
+
+// check reports RootCAs that hold no certificate.
+func (t *ProbeTLS) check() error {
+	if t == nil || len(t.RootCAs) == 0 {
+		return nil
+	}
+	if !x509.NewCertPool().AppendCertsFromPEM(t.RootCAs) {
+		return ErrNoPEMCertificate
+	}
+	return nil
+}
+
+// clientConfig is the tls.Config of the probes; nil for plain HTTP.
+func (t *ProbeTLS) clientConfig() *tls.Config {
+	if t == nil {
+		return nil
+	}
+	c := &tls.Config{ServerName: t.ServerName, InsecureSkipVerify: t.InsecureSkipVerify, MinVersion: tls.VersionTLS12}
+	if len(t.RootCAs) > 0 {
+		c.RootCAs = x509.NewCertPool()
+		c.RootCAs.AppendCertsFromPEM(t.RootCAs)
+	}
+	return c
+}
+
+// key describes t for Config.Key: every setting, the CAs by their digest.
+func (t *ProbeTLS) key() string {
+	if t == nil {
+		return "off"
+	}
+	ca := "system"
+	if len(t.RootCAs) > 0 {
+		ca = fmt.Sprintf("%x", sha256.Sum256(t.RootCAs))
+	}
+	return fmt.Sprintf("sni=%q insecure=%t ca=%s", t.ServerName, t.InsecureSkipVerify, ca)
 }
 
 // CheckEvent describes one probe of one endpoint.
@@ -250,7 +305,7 @@ func newProber(cfg HealthCheck, svc Service, logger *atomic.Pointer[zap.Logger])
 		p.client = &http.Client{
 			Transport: &http.Transport{
 				DialContext:         p.dialer.DialContext,
-				TLSClientConfig:     cfg.TLS,
+				TLSClientConfig:     cfg.TLS.clientConfig(),
 				TLSHandshakeTimeout: cfg.Timeout,
 				DisableKeepAlives:   true, // every probe connects, as a new request would
 				DisableCompression:  true,
@@ -416,22 +471,52 @@ func (p *Prober) work() {
 		p.ready = p.ready[1:]
 		st.queued = false
 		p.mu.Unlock()
-		p.probe(st)
+		p.probeSafely(st)
 	}
+}
+
+// probeSafely is probe, and a panic in it (a bug, never bad input) does not
+// take the proxy down: it is logged at error with the stack, the endpoint
+// keeps its state and is probed again after an interval, and the worker goes
+// on with the queue.
+func (p *Prober) probeSafely(st *probeState) {
+	defer func() {
+		if r := recover(); r != nil {
+			p.logger.Load().Error("health probe panicked; the endpoint keeps its state and is probed again after an interval",
+				zap.String("service", p.svc.String()), zap.String("endpoint", st.Endpoint.Dial),
+				zap.Any("panic", r), zap.ByteString("stack", debug.Stack()))
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			if !p.stopped && p.states[st.Endpoint.Dial] == st {
+				st.timer.Reset(p.cfg.Interval)
+			}
+		}
+	}()
+	p.probe(st)
 }
 
 // probe checks one endpoint, taken from the queue while it was still
 // discovered, records the result and schedules the next probe.
 func (p *Prober) probe(st *probeState) {
 	err := p.run(st.ctx, st.Endpoint)
+	if ev, prev, ok := p.record(st, err); ok && ev.Changed {
+		p.logChange(ev, prev)
+		if p.changed != nil {
+			p.changed(ev, prev)
+		}
+	}
+}
 
+// record takes a probe's result into st, under the lock (released also if
+// something in it panics); ok is false when the endpoint left DNS meanwhile.
+func (p *Prober) record(st *probeState, err error) (ev CheckEvent, prev HealthState, ok bool) {
 	p.mu.Lock()
+	defer p.mu.Unlock()
 	if p.stopped || p.states[st.Endpoint.Dial] != st {
-		p.mu.Unlock() // the endpoint left DNS meanwhile: forget the result
-		return
+		return ev, prev, false // the endpoint left DNS meanwhile: forget the result
 	}
 	now := time.Now()
-	prev := st.State
+	prev = st.State
 	st.LastCheck, st.LastError = now, err
 	if err == nil {
 		st.Passes++
@@ -455,7 +540,7 @@ func (p *Prober) probe(st *probeState) {
 	if st.State != Healthy {
 		st.RampFrom = time.Time{}
 	}
-	ev := CheckEvent{Service: p.svc, Endpoint: st.Endpoint, Passed: err == nil, Err: err, State: st.State, Changed: changed}
+	ev = CheckEvent{Service: p.svc, Endpoint: st.Endpoint, Passed: err == nil, Err: err, State: st.State, Changed: changed}
 	if changed {
 		st.Since = now
 		p.publishLocked()
@@ -467,14 +552,7 @@ func (p *Prober) probe(st *probeState) {
 		p.observe(ev) // under the lock: events come in the order of the probes
 	}
 	st.timer.Reset(p.cfg.Interval - time.Duration(rand.Int64N(int64(p.cfg.Jitter)+1)))
-	p.mu.Unlock()
-
-	if changed {
-		p.logChange(ev, prev)
-		if p.changed != nil {
-			p.changed(ev, prev)
-		}
-	}
+	return ev, prev, true
 }
 
 func (p *Prober) logChange(ev CheckEvent, prev HealthState) {

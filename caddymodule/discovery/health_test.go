@@ -2,8 +2,7 @@ package discovery
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
+	"encoding/pem"
 	"fmt"
 	"net"
 	"net/http"
@@ -19,6 +18,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-headless/caddy-headless/caddymodule/internal/poll"
 )
 
 // backend is a real HTTP server on loopback that answers probes from a
@@ -425,17 +426,16 @@ func TestHealthCheckTLS(t *testing.T) {
 	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
 	t.Cleanup(srv.Close)
 	ep := endpointOf(t, srv.Listener.Addr().String())
-	pool := x509.NewCertPool()
-	pool.AddCert(srv.Certificate())
+	ca := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw})
 	cases := []struct {
 		name string
-		tls  *tls.Config
+		tls  *ProbeTLS
 		err  string
 	}{
-		{"ca and name", &tls.Config{RootCAs: pool, ServerName: "example.com"}, ""},
-		{"wrong name", &tls.Config{RootCAs: pool, ServerName: "other.test"}, "certificate"},
-		{"unknown ca", &tls.Config{ServerName: "example.com"}, "certificate"},
-		{"insecure", &tls.Config{InsecureSkipVerify: true}, ""},
+		{"ca and name", &ProbeTLS{RootCAs: ca, ServerName: "example.com"}, ""},
+		{"wrong name", &ProbeTLS{RootCAs: ca, ServerName: "other.test"}, "certificate"},
+		{"unknown ca", &ProbeTLS{ServerName: "example.com"}, "certificate"},
+		{"insecure", &ProbeTLS{InsecureSkipVerify: true}, ""},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -650,7 +650,7 @@ func TestHealthChurnGoroutinesBounded(t *testing.T) {
 	// The AfterFunc goroutines of the last set exit once they have queued
 	// their endpoint; inFlight workers stay, blocked on endpoints that never
 	// answer. (+2: slack for the runtime's own.)
-	goroutinesSettle(t, base+inFlight+2)
+	poll.Goroutines(t, base+inFlight+2)
 	p.mu.Lock()
 	queued, workers := len(p.ready), p.workers
 	p.mu.Unlock()

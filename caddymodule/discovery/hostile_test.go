@@ -23,6 +23,7 @@ import (
 	"github.com/miekg/dns"
 
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/caddymodule/internal/poll"
 )
 
 // rawServer answers DNS on UDP and TCP of one loopback port with whatever
@@ -227,18 +228,6 @@ func wantOutcome(t *testing.T, err error, want Outcome) *LookupError {
 		t.Fatalf("err = %v; want a LookupError with outcome %s", err, want)
 	}
 	return le
-}
-
-// goroutinesSettle waits, polling, until no more goroutines run than base.
-func goroutinesSettle(t *testing.T, base int) {
-	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
-		if runtime.NumGoroutine() <= base {
-			return
-		}
-	}
-	buf := make([]byte, 1<<20)
-	t.Fatalf("%d goroutines, want at most %d:\n%s", runtime.NumGoroutine(), base, buf[:runtime.Stack(buf, true)])
 }
 
 func heapInUse() uint64 {
@@ -494,7 +483,7 @@ func TestHostileHundredThousandRecords(t *testing.T) {
 		t.Errorf("heap grew by %d MiB over 5 refreshes of a 100,000-record service", grown>>20)
 	}
 	w.Stop()
-	goroutinesSettle(t, base)
+	poll.Goroutines(t, base)
 }
 
 func TestHostileHundredThousandSRVRecords(t *testing.T) {
@@ -743,7 +732,7 @@ func TestHostileSlowAndSilentServers(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("Stop hung on a lookup in flight")
 	}
-	goroutinesSettle(t, base)
+	poll.Goroutines(t, base)
 }
 
 func TestHostileServFailThenRecovery(t *testing.T) {
@@ -774,7 +763,7 @@ func TestHostileServFailThenRecovery(t *testing.T) {
 		t.Fatalf("recovery not logged once")
 	}
 	w.Stop()
-	goroutinesSettle(t, base)
+	poll.Goroutines(t, base)
 }
 
 func TestHostileFlapping(t *testing.T) {
@@ -808,7 +797,7 @@ func TestHostileFlapping(t *testing.T) {
 		}
 	}
 	w.Stop()
-	goroutinesSettle(t, base)
+	poll.Goroutines(t, base)
 }
 
 func TestHostileExtremeTTLs(t *testing.T) {
@@ -951,7 +940,7 @@ func TestHostileWatcherKeepsLastGoodSet(t *testing.T) {
 		t.Fatalf("timeout after NXDOMAIN: [%s] %s; want still empty", dials(s.Endpoints), s.Outcome)
 	}
 	w.Stop()
-	goroutinesSettle(t, base)
+	poll.Goroutines(t, base)
 	if grown := int64(heapInUse()) - int64(heap); grown > 8<<20 {
 		t.Errorf("heap grew by %d MiB", grown>>20)
 	}

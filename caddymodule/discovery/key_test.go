@@ -1,7 +1,6 @@
 package discovery
 
 import (
-	"crypto/tls"
 	"net/http"
 	"net/netip"
 	"reflect"
@@ -25,7 +24,7 @@ func keyBase() Config {
 			TCP: false, Method: "HEAD", URI: "/healthz", Headers: http.Header{"Host": {"app"}}, Port: 9000,
 			Status: 204, Body: regexp.MustCompile("ok"), Interval: 3 * time.Second, Jitter: 100 * time.Millisecond,
 			Timeout: time.Second, Passes: 2, Fails: 3, MaxInFlight: 4, Optimistic: false, FailFast: false,
-			SlowStart: time.Minute, TLS: &tls.Config{ServerName: "app"}, TLSKey: `sni="app"`,
+			SlowStart: time.Minute, TLS: &ProbeTLS{ServerName: "app", RootCAs: []byte("-----BEGIN CERTIFICATE-----")},
 		},
 	}
 }
@@ -33,7 +32,6 @@ func keyBase() Config {
 // keyExempt are the fields that must not part a Watcher, and why.
 var keyExempt = map[string]string{
 	"Service.Ref": "how the user wrote the name, not what is asked (admin shows the first one)",
-	"Health.TLS":  "a *tls.Config cannot be compared: TLSKey describes it",
 }
 
 // Two Configs that differ in any field (but the exempt ones) must not share
@@ -105,8 +103,8 @@ func vary(v reflect.Value) bool {
 	switch {
 	case v.Type() == reflect.TypeOf((*regexp.Regexp)(nil)):
 		v.Set(reflect.ValueOf(regexp.MustCompile("other")))
-	case v.Type() == reflect.TypeOf((*tls.Config)(nil)):
-		v.Set(reflect.ValueOf(&tls.Config{ServerName: "other"}))
+	case v.Type() == reflect.TypeOf([]byte(nil)):
+		v.Set(reflect.Append(v, reflect.ValueOf(byte('x'))))
 	case v.Type() == reflect.TypeOf([]netip.Prefix{}):
 		v.Set(reflect.Append(v, reflect.ValueOf(netip.MustParsePrefix("10.0.0.0/8"))))
 	case v.Type() == reflect.TypeOf(http.Header{}):
@@ -155,7 +153,7 @@ func TestStatsAddCoversEveryField(t *testing.T) {
 	for i := range v.NumField() {
 		switch f := v.Field(i); f.Kind() {
 		case reflect.Map:
-			for _, o := range Outcomes {
+			for _, o := range outcomes {
 				one.Lookups[o] = 1
 			}
 		case reflect.Slice:
@@ -176,7 +174,7 @@ func TestStatsAddCoversEveryField(t *testing.T) {
 		name := s.Type().Field(i).Name
 		switch f := s.Field(i); f.Kind() {
 		case reflect.Map:
-			for _, o := range Outcomes {
+			for _, o := range outcomes {
 				if sum.Lookups[o] != 2 {
 					t.Errorf("%s[%s] = %d, want 2", name, o, sum.Lookups[o])
 				}

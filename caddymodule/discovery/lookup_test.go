@@ -15,7 +15,7 @@ import (
 )
 
 // bbsZone is namespace bbs as CoreDNS's kubernetes plugin serves it (ttl 5):
-// see shared/kube-dns-answers.md.
+// see docs/kube-dns-answers.md.
 const bbsZone = `
 ; frontend: two ready endpoints, named port http 8001, one with hostname fe1
 frontend.bbs.svc.cluster.local.	5	IN	A	10.1.0.2

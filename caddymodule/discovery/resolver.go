@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -28,15 +29,12 @@ const (
 	OutcomeBadAnswer Outcome = "bad_answer"    // malformed, wrong question, other rcodes, TC over TCP
 )
 
-// Outcomes lists every Outcome, for callers that pre-create counters.
-var Outcomes = []Outcome{OutcomeSuccess, OutcomeNXDomain, OutcomeNoData, OutcomeServFail,
-	OutcomeRefused, OutcomeTimeout, OutcomeNetwork, OutcomeBadAnswer}
+// AllOutcomes lists every Outcome, for callers that pre-create counters;
+// a copy, so no caller can change what the package counts by.
+func AllOutcomes() []Outcome { return slices.Clone(outcomes) }
 
-// Transient reports whether the outcome says nothing about the Service (the
-// server could not answer), so the last good endpoint set should be kept.
-func (o Outcome) Transient() bool {
-	return o != OutcomeSuccess && o != OutcomeNXDomain && o != OutcomeNoData
-}
+var outcomes = []Outcome{OutcomeSuccess, OutcomeNXDomain, OutcomeNoData, OutcomeServFail,
+	OutcomeRefused, OutcomeTimeout, OutcomeNetwork, OutcomeBadAnswer}
 
 // LookupError is a failed question: which name, which server, what happened.
 type LookupError struct {
@@ -61,8 +59,9 @@ type Resolver struct {
 	Servers []string
 	// Timeout bounds each attempt at one server. Default 2s.
 	Timeout time.Duration
-	// UDPSize is the EDNS0 buffer size advertised over UDP. Default 1232.
-	UDPSize uint16
+	// UDPSize is the EDNS0 buffer size advertised over UDP, 512-65535
+	// (Config.Validate checks it). Default 1232.
+	UDPSize int
 
 	preferred atomic.Uint32 // index into Servers of the last server that answered
 }
@@ -96,10 +95,10 @@ func (r *Resolver) Exchange(ctx context.Context, name string, qtype uint16) (Rep
 	q.SetQuestion(name, qtype)
 	q.RecursionDesired = true
 	size := r.UDPSize
-	if size == 0 {
+	if size <= 0 {
 		size = DefaultUDPSize
 	}
-	q.SetEdns0(size, false)
+	q.SetEdns0(uint16(min(size, 65535)), false)
 
 	var lastErr error
 	start := int(r.preferred.Load())

@@ -55,7 +55,7 @@ type Stats struct {
 	// Queries, Truncated and Dropped add up the Results of the lookups;
 	// Refused counts the endpoints the AddressPolicy did not allow.
 	Queries, Truncated, Dropped, Refused uint64
-	// Durations[i] counts the lookups that took at most DurationBuckets[i]
+	// Durations[i] counts the lookups that took at most DurationBuckets()[i]
 	// (and longer than the bound before); the last entry counts the rest.
 	Durations []uint64
 	// DurationSum is the time all lookups took together.
@@ -65,10 +65,13 @@ type Stats struct {
 	Passes, Fails, ToHealthy, ToUnhealthy uint64
 }
 
-// DurationBuckets are the upper bounds of Stats.Durations: in-cluster DNS
+// DurationBuckets returns the upper bounds of Stats.Durations (a copy).
+func DurationBuckets() []time.Duration { return slices.Clone(durationBuckets) }
+
+// durationBuckets are the upper bounds of Stats.Durations: in-cluster DNS
 // answers in about a millisecond; a dead server costs the resolver timeout
 // (2s by default) per attempt.
-var DurationBuckets = []time.Duration{
+var durationBuckets = []time.Duration{
 	500 * time.Microsecond, time.Millisecond, 2500 * time.Microsecond, 5 * time.Millisecond,
 	10 * time.Millisecond, 25 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond,
 	250 * time.Millisecond, 500 * time.Millisecond, time.Second, 2500 * time.Millisecond,
@@ -105,7 +108,7 @@ func (s *Stats) Add(o Stats) {
 
 // NewStats returns zero Stats ready for Add.
 func NewStats() Stats {
-	return Stats{Lookups: make(map[Outcome]uint64, len(Outcomes)), Durations: make([]uint64, len(DurationBuckets)+1)}
+	return Stats{Lookups: make(map[Outcome]uint64, len(outcomes)), Durations: make([]uint64, len(durationBuckets)+1)}
 }
 
 // stats is the Watcher's live Stats: the run goroutine and the probes write,
@@ -118,7 +121,7 @@ type stats struct {
 func (st *stats) init() { st.s = NewStats() }
 
 func (st *stats) lookup(o Outcome, took time.Duration, res Result) {
-	b, _ := slices.BinarySearch(DurationBuckets, took) // first bound >= took, or the last slot
+	b, _ := slices.BinarySearch(durationBuckets, took) // first bound >= took, or the last slot
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	st.s.Lookups[o]++
@@ -153,9 +156,6 @@ func (st *stats) copy() Stats {
 	s.Add(st.s)
 	return s
 }
-
-// Stats returns a copy of the Watcher's counters.
-func (w *Watcher) Stats() Stats { return w.stats.copy() }
 
 // Status returns the Watcher's state now.
 func (w *Watcher) Status() Status {

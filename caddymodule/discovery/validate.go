@@ -39,6 +39,10 @@ const (
 // user writes it (refresh_min, dial_timeout, health_interval, …). It checks
 // c with its defaults filled in; Start does not call it (tests may run
 // faster than a user may), the configuration layer must.
+//
+// It is the one owner of the rules on a Config's values: the configuration
+// layers (Caddy's JSON, the Caddyfile) only turn what the user wrote into a
+// Config, and report this error where the user wrote the value.
 func (c Config) Validate() error {
 	health := c.Health // before the defaults, which replace what is not positive
 	c = c.WithDefaults()
@@ -60,8 +64,8 @@ func (c Config) Validate() error {
 	if r := c.Resolver; r.Timeout < MinDialTimeout {
 		bad("dial_timeout %s is below the minimum of %s", r.Timeout, MinDialTimeout)
 	}
-	if r := c.Resolver; r.UDPSize < 512 {
-		bad("edns_buffer_size %d must be in 512-65535", r.UDPSize)
+	if r := c.Resolver; r.UDPSize < 512 || r.UDPSize > 65535 {
+		bad("edns_buffer_size must be in 512-65535, got %d", r.UDPSize)
 	}
 	for _, s := range c.Resolver.Servers {
 		if _, err := NormalizeServer(s); err != nil {
@@ -110,6 +114,9 @@ func (c HealthCheck) validate() error {
 	}
 	if c.TCP {
 		return errors.Join(errs...)
+	}
+	if err := c.TLS.check(); err != nil {
+		bad("tls: root CAs: %w", err)
 	}
 	// What http.NewRequest and the transport would refuse on every probe.
 	if c.Method == "" || strings.IndexFunc(c.Method, func(r rune) bool { return r > 0x7f || !httpguts.IsTokenRune(r) }) >= 0 {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/http"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"sync"
@@ -51,7 +52,14 @@ func (c Config) WithDefaults() Config {
 	}
 	r := &Resolver{Timeout: DefaultTimeout, UDPSize: DefaultUDPSize}
 	if c.Resolver != nil {
-		r.Servers = c.Resolver.Servers
+		// In the form NormalizeServer gives ("host" → "host:53"); one that
+		// cannot be put in it stays as it is, for Validate to refuse.
+		r.Servers = make([]string, len(c.Resolver.Servers))
+		for i, s := range c.Resolver.Servers {
+			if r.Servers[i], _ = NormalizeServer(s); r.Servers[i] == "" {
+				r.Servers[i] = s
+			}
+		}
 		if c.Resolver.Timeout != 0 {
 			r.Timeout = c.Resolver.Timeout
 		}
@@ -90,7 +98,7 @@ func (c Config) Key() string {
 		slices.Sort(hdr)
 		key += fmt.Sprintf(" health: tcp=%t %q %q port=%d status=%d body=%q headers=%q every=%s~%s timeout=%s passes=%d fails=%d inflight=%d optimistic=%t failfast=%t slowstart=%s tls=%q",
 			h.TCP, h.Method, h.URI, h.Port, h.Status, body, hdr, h.Interval, h.Jitter, h.Timeout, h.Passes, h.Fails,
-			h.MaxInFlight, h.Optimistic, h.FailFast, h.SlowStart, h.TLSKey)
+			h.MaxInFlight, h.Optimistic, h.FailFast, h.SlowStart, h.TLS.key())
 	}
 	return key
 }
@@ -166,6 +174,7 @@ type Watcher struct {
 
 	prober *Prober // nil without health checks
 	aside  *aside  // endpoints whose dial failed
+	clock  clock   // the run loop's time: real, or a test's
 
 	running atomic.Bool // set when begin started the run goroutine
 
@@ -175,15 +184,6 @@ type Watcher struct {
 
 // ErrNotResolved is returned while a Service has never been resolved.
 var ErrNotResolved = errors.New("not resolved yet")
-
-// Start creates a Watcher for cfg (with its defaults filled in) and begins
-// resolving at once, in the background. It logs through logger while no
-// other is attached.
-func Start(cfg Config, logger *zap.Logger) *Watcher {
-	w := New(cfg, logger)
-	w.Run()
-	return w
-}
 
 // Run begins resolving in the background, if the Watcher has not yet begun
 // (or been stopped). A Watcher made by New asks no DNS before Run, or before
@@ -212,6 +212,7 @@ func New(cfg Config, logger *zap.Logger) *Watcher {
 	w := &Watcher{
 		cfg:       cfg,
 		coin:      rand.Float64,
+		clock:     realClock{},
 		kick:      make(chan struct{}, 1),
 		cancel:    cancel,
 		done:      make(chan struct{}),
@@ -300,6 +301,16 @@ func (w *Watcher) Refresh() {
 // RefreshNow asks for a lookup and waits until one that started after this call
 // has finished, or ctx ends.
 func (w *Watcher) RefreshNow(ctx context.Context) (*Snapshot, error) {
+	return w.RequestRefresh()(ctx)
+}
+
+// RequestRefresh is RefreshNow in two steps, so that a caller can ask many
+// Watchers before it waits for any: it asks for a lookup now and returns
+// the wait, which returns once a lookup that started after the request has
+// finished, or ctx ends. Requests that meet coalesce into one lookup (two,
+// when one was in flight already): this is the only place refreshes are
+// coalesced.
+func (w *Watcher) RequestRefresh() (wait func(ctx context.Context) (*Snapshot, error)) {
 	// A lookup in flight may have started before this call: wait for the one
 	// after it. Without one in flight, the next lookup will do.
 	w.Run() // asked for explicitly: the Service is in use
@@ -308,6 +319,11 @@ func (w *Watcher) RefreshNow(ctx context.Context) (*Snapshot, error) {
 	// kick always leads to a lookup. Kicking again on every wake-up could queue
 	// a second one behind it: a lookup nobody asked for.
 	w.Refresh()
+	return func(ctx context.Context) (*Snapshot, error) { return w.waitAfter(ctx, after) }
+}
+
+// waitAfter waits until a snapshot of a lookup later than after is out.
+func (w *Watcher) waitAfter(ctx context.Context, after uint64) (*Snapshot, error) {
 	for {
 		w.mu.Lock()
 		ch := w.published
@@ -362,21 +378,50 @@ func (w *Watcher) publish(s *Snapshot) {
 	w.emitChange(prev, s)
 }
 
+// panicRestartDelay is how long the refresh loop waits before its first
+// lookup after it recovered from a panic (or minKickGap, when a request asks
+// for a lookup): a panic that repeats at every lookup does not spin.
+const panicRestartDelay = time.Second
+
+// run is the refresh loop's goroutine: it runs loop until ctx ends. A panic
+// in a lookup (a bug, never bad input) must not take the proxy down with
+// it: loop recovers, logs at error with the stack, and is started again;
+// the last published snapshot is served meanwhile.
 func (w *Watcher) run(ctx context.Context) {
 	defer close(w.done)
-	timer := time.NewTimer(0)
+	for first := time.Duration(0); !w.loop(ctx, first); first = panicRestartDelay {
+	}
+}
+
+// loop refreshes until ctx ends (true), or until a panic, which it
+// recovers from and logs (false). Its first lookup is first from now; the
+// lookup count goes on from the last one started, so RefreshNow and the
+// missing-family rule see no difference across a restart.
+func (w *Watcher) loop(ctx context.Context, first time.Duration) (ended bool) {
+	defer func() {
+		if p := recover(); p != nil {
+			w.logger.Load().Error("DNS refresh loop panicked; serving the last endpoints and restarting it",
+				zap.String("service", w.cfg.Service.String()), zap.Duration("restart_in", panicRestartDelay),
+				zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
+			ended = false
+		}
+	}()
+	timer := w.clock.NewTimer(first)
 	defer timer.Stop()
-	var seq uint64
+	seq := w.started.Load()
 	var failures int
 	var lastStart time.Time
+	if first > 0 {
+		lastStart = w.clock.Now() // a kick waits minKickGap after a restart
+	}
 	var single family // of the last answer, if it had only one
 	for {
 		select {
 		case <-ctx.Done():
-			return
-		case <-timer.C:
+			return true
+		case <-timer.C():
 		case <-w.kick:
-			if gap := time.Since(lastStart); gap < minKickGap {
+			if gap := w.clock.Now().Sub(lastStart); gap < minKickGap {
 				// Refreshed a moment ago: do the requested one after the gap.
 				timer.Reset(minKickGap - gap)
 				continue
@@ -391,7 +436,7 @@ func (w *Watcher) run(ctx context.Context) {
 		}
 		seq++
 		w.started.Store(seq)
-		lastStart = time.Now()
+		lastStart = w.clock.Now()
 		res, err := w.lookup(ctx, single, seq)
 		if err == nil && res.Partial != nil && hasFamily(w.snap.Load(), failedFamily(res.Partial)) {
 			// Taking the answer would drop the failed family's endpoints we
@@ -405,9 +450,9 @@ func (w *Watcher) run(ctx context.Context) {
 			}
 		}
 		if ctx.Err() != nil {
-			return
+			return true
 		}
-		now := time.Now()
+		now := w.clock.Now()
 		if err != nil {
 			failures++
 		} else {
@@ -419,13 +464,36 @@ func (w *Watcher) run(ctx context.Context) {
 		w.publish(s)
 		if !timer.Stop() {
 			select {
-			case <-timer.C:
+			case <-timer.C():
 			default:
 			}
 		}
 		timer.Reset(s.Next.Sub(now))
 	}
 }
+
+// clock is the run loop's time. Tests drive it (TestWatcherKickIsRateLimited)
+// so that the kick rate limit is checked without measuring real time.
+type clock interface {
+	Now() time.Time
+	NewTimer(d time.Duration) loopTimer
+}
+
+// loopTimer is the part of *time.Timer the run loop uses.
+type loopTimer interface {
+	C() <-chan time.Time
+	Stop() bool
+	Reset(d time.Duration) bool
+}
+
+type realClock struct{}
+
+func (realClock) Now() time.Time                     { return time.Now() }
+func (realClock) NewTimer(d time.Duration) loopTimer { return realTimer{time.NewTimer(d)} }
+
+type realTimer struct{ *time.Timer }
+
+func (t realTimer) C() <-chan time.Time { return t.Timer.C }
 
 // A cluster is mostly single-stack: asking A and AAAA every second for each
 // Service, half the answers would be NODATA forever. While the last answer

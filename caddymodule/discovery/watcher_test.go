@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/caddymodule/internal/poll"
 )
 
 func startWatcher(t *testing.T, srv *dnstest.Server, ref string, tune func(*Config)) (*Watcher, *observer.ObservedLogs) {
@@ -46,17 +47,6 @@ func refreshNow(t *testing.T, w *Watcher) *Snapshot {
 		t.Fatalf("RefreshNow: %v", err)
 	}
 	return s
-}
-
-// eventually polls cond every 5ms for up to 10s.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
-		if cond() {
-			return
-		}
-	}
-	t.Fatalf("timed out waiting for %s", what)
 }
 
 func TestWatcherFollowsDNS(t *testing.T) {
@@ -165,7 +155,7 @@ func TestWatcherStaleBound(t *testing.T) {
 	// Failures retry on their own (250ms, 500ms, …) and the stale deadline is
 	// scheduled exactly; no RefreshNow needed.
 	w.Refresh()
-	eventually(t, "the stale bound to drop the endpoints", func() bool { return w.Snapshot().Expired })
+	poll.Until(t, "the stale bound to drop the endpoints", func() bool { return w.Snapshot().Expired })
 	s := w.Snapshot()
 	// The watcher's own clock readings: the failure that dropped the set came
 	// at least the bound after the first one.
@@ -210,7 +200,7 @@ func TestWatcherRefreshesOnItsOwn(t *testing.T) {
 	w, _ := startWatcher(t, srv, "frontend:8001", func(c *Config) { c.RefreshMin, c.RefreshMax = 20*time.Millisecond, 20*time.Millisecond })
 	w.Wait(context.Background(), 5*time.Second)
 	srv.MustSet(t, "frontend.bbs.svc.cluster.local. 5 IN A 10.1.0.9")
-	eventually(t, "the background refresh to pick up the change", func() bool {
+	poll.Until(t, "the background refresh to pick up the change", func() bool {
 		return dials(w.Snapshot().Endpoints) == "10.1.0.9:8001"
 	})
 }
@@ -247,48 +237,83 @@ func TestWatcherFirstFailureNamesService(t *testing.T) {
 }
 
 // Refresh is what every retried request calls (ResetCache): however often it
-// comes, it makes at most about ten lookups a second (minKickGap apart). The
-// kicks come one at a time, the previous lookup long finished, the way
-// retries spread out.
+// comes, lookups it asks for start at least minKickGap apart. The loop runs
+// on a clock the test drives, so nothing here depends on how fast the
+// machine is: while the clock stands still, no number of kicks makes a
+// lookup; once it has moved minKickGap, the kicks so far make exactly one.
 func TestWatcherKickIsRateLimited(t *testing.T) {
 	srv := dnstest.Start(t, bbsZone)
-	w, _ := startWatcher(t, srv, "frontend:8001", nil)
-	w.Wait(context.Background(), 5*time.Second)
-	before := w.Stats().LookupCount()
-	start := time.Now()
-	kicks := 0
-	const atLeast = 100 * time.Millisecond // between lookups, whatever minKickGap is set to
-	for time.Since(start) < 6*atLeast {
-		w.Refresh()
-		kicks++
-		time.Sleep(time.Millisecond)
+	svc, err := ParseService("frontend:8001", Defaults{Namespace: "bbs"})
+	if err != nil {
+		t.Fatal(err)
 	}
-	elapsed := time.Since(start)
-	// With lookups spaced that far apart at most this many fit. (A slow
-	// machine only makes fewer.) Without the limit nearly every kick is one.
-	n := w.Stats().LookupCount() - before
-	if limit := 1 + uint64(elapsed/atLeast); n > limit {
-		t.Fatalf("%d Refresh calls in %s caused %d lookups; at most %d fit with lookups %s apart", kicks, elapsed, n, limit, atLeast)
+	clk := newFakeClock()
+	w := New(Config{Service: svc, IPv4: true, Resolver: &Resolver{Servers: []string{srv.Addr}},
+		RefreshMin: time.Hour, RefreshMax: time.Hour}, nil)
+	w.clock = clk
+	w.Run()
+	t.Cleanup(w.Stop)
+	poll.Until(t, "the first lookup", func() bool { s := w.Snapshot(); return s != nil && s.Seq == 1 })
+
+	for round := uint64(1); round <= 3; round++ {
+		// The loop has taken a kick when it set its timer to the end of the
+		// gap (or, were the limit gone, when it started a lookup).
+		gapEnd := clk.Now().Add(minKickGap)
+		for range 100 {
+			w.Refresh()
+		}
+		poll.Until(t, "the loop to take a kick", func() bool { return clk.armedAt(gapEnd) || w.started.Load() > round })
+		for range 100 {
+			w.Refresh()
+		}
+		if n := w.started.Load(); n != round {
+			t.Fatalf("round %d: 200 kicks within minKickGap of the last lookup started %d lookups; want none", round, n-round)
+		}
+		clk.Advance(minKickGap - time.Nanosecond)
+		if n := w.started.Load(); n != round {
+			t.Fatalf("round %d: a lookup started 1ns before the gap ended", round)
+		}
+		clk.Advance(time.Nanosecond)
+		poll.Until(t, "the requested lookup once the gap ended", func() bool { s := w.Snapshot(); return s.Seq == round+1 })
+		if n := w.started.Load(); n != round+1 {
+			t.Fatalf("round %d: %d lookups after the gap; want exactly one for all the kicks", round, n-round)
+		}
 	}
-	eventually(t, "the requested refresh", func() bool { return w.Stats().LookupCount() > before })
 }
 
+// With every lookup hanging (a muted server, an attempt timeout of an hour),
+// Stop cancels the lookups in flight and leaves no goroutine behind.
 func TestWatcherStopLeavesNoGoroutine(t *testing.T) {
 	srv := dnstest.Start(t, bbsZone)
 	base := runtime.NumGoroutine()
 	var ws []*Watcher
 	for range 20 {
 		svc, _ := ParseService("frontend:8001", Defaults{Namespace: "bbs"})
-		ws = append(ws, Start(Config{Service: svc, IPv4: true, Resolver: &Resolver{Servers: []string{srv.Addr}},
+		ws = append(ws, Start(Config{Service: svc, IPv4: true, Resolver: &Resolver{Servers: []string{srv.Addr}, Timeout: time.Hour},
 			RefreshMin: 10 * time.Millisecond, RefreshMax: 10 * time.Millisecond}, nil))
 	}
-	// One of them stuck in a lookup that never returns.
 	srv.Mute(true)
-	time.Sleep(30 * time.Millisecond)
+	inFlight := func(w *Watcher) bool {
+		done := uint64(0)
+		if s := w.Snapshot(); s != nil {
+			done = s.Seq
+		}
+		return w.started.Load() > done
+	}
+	// Every one of them in a lookup that never returns: the server is
+	// silent, so none can finish and the state cannot change under us.
+	poll.Until(t, "a lookup in flight in every watcher", func() bool {
+		for _, w := range ws {
+			if !inFlight(w) {
+				return false
+			}
+		}
+		return true
+	})
 	for _, w := range ws {
 		w.Stop()
 	}
-	eventually(t, "goroutines back to the baseline", func() bool { return runtime.NumGoroutine() <= base })
+	poll.Goroutines(t, base)
 }
 
 // A v4-only Service is asked AAAA only every missingFamilyEvery-th lookup,

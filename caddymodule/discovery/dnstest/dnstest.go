@@ -1,5 +1,5 @@
 // Package dnstest runs an in-process DNS server that answers the way CoreDNS's
-// kubernetes plugin does for headless Services (see shared/kube-dns-answers.md):
+// kubernetes plugin does for headless Services (see docs/kube-dns-answers.md):
 // authoritative answers, NXDOMAIN with the zone's SOA for names without records,
 // NODATA (SOA, no answer) for names with records of other types only, SRV
 // targets' addresses in the additional section, EDNS0-sized UDP replies with TC
