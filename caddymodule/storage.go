@@ -260,5 +260,4 @@ var (
 	_ caddy.StorageConverter = (*K8sStorage)(nil)
 	_ caddy.CleanerUpper     = (*K8sStorage)(nil)
 	_ caddyfile.Unmarshaler  = (*K8sStorage)(nil)
-	_ certmagic.TryLocker    = (*kubestore.Storage)(nil)
 )

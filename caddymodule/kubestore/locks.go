@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"runtime/debug"
 	"sync"
 	"time"
 
@@ -228,51 +229,74 @@ func (s *Storage) hold(name, object, id string, l *lease, stale string) {
 // lost only when someone else holds the Lease.
 func (h *heldLock) heartbeat() {
 	defer close(h.done)
-	s := h.store
-	wait := s.cfg.RenewInterval
+	wait := h.store.cfg.RenewInterval
 	for {
 		select {
 		case <-h.stop:
 			return
 		case <-time.After(wait):
 		}
-		h.mu.Lock()
-		next := *h.lease
-		h.mu.Unlock()
-		next.Spec.RenewTime = s.cfg.Now().UTC().Format(microTime)
-		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.RequestTimeout)
-		l, err := s.api.updateLease(ctx, &next)
-		var cur *lease
-		if isConflict(err) || isNotFound(err) {
-			// Did our last write land without us seeing the answer? Then
-			// the Lease still names us.
-			cur, err = s.api.getLease(ctx, h.object)
-			switch {
-			case err == nil && cur.Spec.HolderIdentity == h.identity:
-				l = cur
-			case err == nil || isNotFound(err):
-				holder := "(deleted)"
-				if err == nil {
-					holder = cur.Spec.HolderIdentity
-				}
-				cancel()
-				h.lose(holder)
-				return
-			}
+		var lost bool
+		if lost, wait = h.renewSafely(); lost {
+			return
 		}
-		cancel()
-		if err != nil {
-			renewals.WithLabelValues(result(err)).Inc()
-			s.logger.Warn("renewing lock failed; retrying", zap.String("lock", h.name), zap.String("holder", h.identity), zap.Error(err))
-			wait = min(time.Second, s.cfg.RenewInterval)
-			continue
-		}
-		renewals.WithLabelValues("ok").Inc()
-		h.mu.Lock()
-		h.lease = l
-		h.mu.Unlock()
-		wait = s.cfg.RenewInterval
 	}
+}
+
+// renewSafely is renew, and a panic in it (a bug, never the apiserver's
+// answer) does not take the process down nor end the heartbeat: it is logged
+// at error with the stack, and the renewal is tried again soon, so the lock
+// is kept.
+func (h *heldLock) renewSafely() (lost bool, wait time.Duration) {
+	defer func() {
+		if r := recover(); r != nil {
+			h.store.logger.Error("lock heartbeat panicked; renewing again soon, the lock is kept",
+				zap.String("lock", h.name), zap.String("holder", h.identity),
+				zap.Any("panic", r), zap.ByteString("stack", debug.Stack()))
+			lost, wait = false, min(time.Second, h.store.cfg.RenewInterval)
+		}
+	}()
+	return h.renew()
+}
+
+// renew renews the Lease once; lost is set when another holder took it,
+// wait is how long until the next renewal.
+func (h *heldLock) renew() (lost bool, wait time.Duration) {
+	s := h.store
+	h.mu.Lock()
+	next := *h.lease
+	h.mu.Unlock()
+	next.Spec.RenewTime = s.cfg.Now().UTC().Format(microTime)
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.RequestTimeout)
+	defer cancel()
+	l, err := s.api.updateLease(ctx, &next)
+	var cur *lease
+	if isConflict(err) || isNotFound(err) {
+		// Did our last write land without us seeing the answer? Then
+		// the Lease still names us.
+		cur, err = s.api.getLease(ctx, h.object)
+		switch {
+		case err == nil && cur.Spec.HolderIdentity == h.identity:
+			l = cur
+		case err == nil || isNotFound(err):
+			holder := "(deleted)"
+			if err == nil {
+				holder = cur.Spec.HolderIdentity
+			}
+			h.lose(holder)
+			return true, 0
+		}
+	}
+	if err != nil {
+		renewals.WithLabelValues(result(err)).Inc()
+		s.logger.Warn("renewing lock failed; retrying", zap.String("lock", h.name), zap.String("holder", h.identity), zap.Error(err))
+		return false, min(time.Second, s.cfg.RenewInterval)
+	}
+	renewals.WithLabelValues("ok").Inc()
+	h.mu.Lock()
+	h.lease = l
+	h.mu.Unlock()
+	return false, s.cfg.RenewInterval
 }
 
 func (h *heldLock) lose(holder string) {

@@ -246,3 +246,50 @@ func twoReplicas(t *testing.T, edit func(*kubestore.Config)) (api *kubetest.API,
 	}
 	return api, cfg, first, mustNew(t, c, nil)
 }
+
+// TestHeartbeatSurvivesAPanic: a bug in one renewal (here the clock panics)
+// is logged with its stack and does not end the heartbeat nor the process:
+// the lock stays held, and another replica cannot take it.
+func TestHeartbeatSurvivesAPanic(t *testing.T) {
+	api := kubetest.New(t, "caddy")
+	cfg := api.Config("caddy")
+	var panicNext atomic.Bool
+	now := cfg.Now
+	if now == nil {
+		now = time.Now
+	}
+	cfg.Now = func() time.Time {
+		if panicNext.CompareAndSwap(true, false) {
+			panic("test: a bug in the heartbeat")
+		}
+		return now()
+	}
+	core, logs := observer.New(zap.ErrorLevel)
+	holder := mustNew(t, cfg, zap.New(core))
+	c := api.Config("caddy")
+	c.Identity = "waiter"
+	waiter := mustNew(t, c, nil)
+	ctx := context.Background()
+	if err := holder.Lock(ctx, "issue_cert_panic.example.com"); err != nil {
+		t.Fatal(err)
+	}
+	panicNext.Store(true)
+	for deadline := time.Now().Add(30 * time.Second); logs.FilterMessageSnippet("heartbeat panicked").Len() == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the heartbeat never ran into the panic")
+		}
+	}
+	entry := logs.FilterMessageSnippet("heartbeat panicked").All()[0]
+	if _, ok := entry.ContextMap()["stack"]; !ok {
+		t.Errorf("the panic was logged without its stack: %v", entry.ContextMap())
+	}
+	for end := time.Now().Add(cfg.LeaseDuration*3/2 + 500*time.Millisecond); time.Now().Before(end); {
+		if ok, err := waiter.TryLock(ctx, "issue_cert_panic.example.com"); ok || err != nil {
+			t.Fatalf("TryLock after the heartbeat panicked = %v, %v: the heartbeat stopped renewing", ok, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := holder.Unlock(ctx, "issue_cert_panic.example.com"); err != nil {
+		t.Fatalf("Unlock: %v", err)
+	}
+}

@@ -50,6 +50,13 @@ type Storage struct {
 	pairs  pairWrites // CA key pairs this Storage is writing
 }
 
+// A Storage is what certmagic and Caddy use: a Storage with locks, and
+// TryLock for the locks that must not wait.
+var (
+	_ certmagic.Storage   = (*Storage)(nil)
+	_ certmagic.TryLocker = (*Storage)(nil)
+)
+
 // New checks cfg and builds the storage. It reads the CA and token files
 // but sends nothing; Ping does.
 func New(cfg Config, logger *zap.Logger) (*Storage, error) {
