@@ -415,6 +415,7 @@ func (w *Watcher) loop(ctx context.Context, first time.Duration) (ended bool) {
 		lastStart = w.clock.Now() // a kick waits minKickGap after a restart
 	}
 	var single family // of the last answer, if it had only one
+	gapArmed := false // the timer waits for the end of the kick gap
 	for {
 		select {
 		case <-ctx.Done():
@@ -422,11 +423,16 @@ func (w *Watcher) loop(ctx context.Context, first time.Duration) (ended bool) {
 		case <-timer.C():
 		case <-w.kick:
 			if gap := w.clock.Now().Sub(lastStart); gap < minKickGap {
-				// Refreshed a moment ago: do the requested one after the gap.
-				timer.Reset(minKickGap - gap)
+				// Refreshed a moment ago: do the requested one after the gap
+				// (once: more kicks meanwhile change nothing).
+				if !gapArmed {
+					timer.Reset(minKickGap - gap)
+					gapArmed = true
+				}
 				continue
 			}
 		}
+		gapArmed = false
 		// This lookup answers the kicks sent so far (even if the timer started
 		// it): drop a pending one rather than look up twice in a row. Drain
 		// before publishing the new seq, so RefreshNow never loses its kick.
