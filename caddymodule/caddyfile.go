@@ -26,6 +26,7 @@ import (
 //	    allow_addresses  loopback|link_local ...
 //	    allow_cidrs      <cidr>...
 //	    candidates       <n>|all
+//	    via              dns|api [{ endpoint <url>; ca_file <pem>; token_file <file> }]
 //
 //	    # active health checks (any health_* option turns them on)
 //	    health_uri       <uri>
@@ -144,6 +145,7 @@ func (p *optionParser) errAt(d *caddyfile.Dispenser, err error) error {
 var caddyfileEnv = discovery.Detected{
 	Defaults:  discovery.Defaults{Namespace: "default", ClusterDomain: "cluster.local"},
 	Resolvers: []string{"127.0.0.1:53"},
+	APIServer: "https://127.0.0.1:6443",
 }
 
 // setService takes the current token as the service reference.
@@ -239,6 +241,8 @@ func (h *Headless) UnmarshalOption(d *caddyfile.Dispenser) (bool, error) {
 		h.SlowStart, err = durationArg(d, true)
 	case "edns_buffer_size":
 		h.EDNSBufferSize, err = numberArg(d)
+	case "via":
+		return true, h.unmarshalVia(d)
 	case "candidates":
 		if args := d.RemainingArgs(); len(args) == 1 && args[0] == "all" {
 			h.Candidates = -1

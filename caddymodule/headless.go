@@ -131,6 +131,16 @@ type Headless struct {
 	// it is retried.
 	Candidates int `json:"candidates,omitempty"`
 
+	// Where the endpoints come from: `dns` (the cluster's DNS, no RBAC
+	// needed) or `api` (the Service's EndpointSlices, watched on the
+	// Kubernetes API: changes within milliseconds, drain of terminating
+	// endpoints; needs list and watch on endpointslices). See via.go and
+	// the README. Default: dns.
+	Via string `json:"via,omitempty"`
+
+	// The apiserver of `via api`; only with via api. Default: the pod's.
+	API *ViaAPI `json:"api,omitempty"`
+
 	key     string
 	watcher *discovery.Watcher
 	detach  func() // the watcher's logging through this config
@@ -269,6 +279,9 @@ func (h *Headless) config(det discovery.Detected) (discovery.Config, error) {
 	if v := h.Versions; v != nil && (v.IPv4 != nil || v.IPv6 != nil) {
 		cfg.IPv4 = v.IPv4 != nil && *v.IPv4
 		cfg.IPv6 = v.IPv6 != nil && *v.IPv6
+	}
+	if err := h.viaConfig(&cfg, det); err != nil {
+		return fail("%v", err)
 	}
 	if err := cfg.Validate(); err != nil {
 		return fail("%v", err)
