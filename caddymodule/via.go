@@ -3,8 +3,10 @@ package caddymodule
 import (
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
 )
@@ -115,4 +117,89 @@ func (h *Headless) viaConfig(cfg *discovery.Config, det discovery.Detected) erro
 	cfg.API = &a
 	cfg.Resolver.Servers = nil // not asked
 	return nil
+}
+
+// sourceOf names a watcher's source for the admin API.
+func sourceOf(cfg discovery.Config) string {
+	if cfg.API != nil {
+		return "api"
+	}
+	return "dns"
+}
+
+// APIStatus is the EndpointSlice watch of a `via api` watcher, as GET
+// /headless/ shows it. Add fields, never rename.
+type APIStatus struct {
+	// Endpoint is the apiserver watched.
+	Endpoint string `json:"endpoint"`
+	// ResourceVersion is the newest one the watch saw (list or event).
+	ResourceVersion string `json:"resource_version,omitempty"`
+	// LastEvent is when the last list or event changed the slices.
+	LastEvent time.Time `json:"last_event,omitzero"`
+	// Slices counts the Service's EndpointSlices.
+	Slices int `json:"slices"`
+	// Events, Relists and StreamRestarts count what the watch did since the
+	// watcher started: events that changed a slice, lists (the first one,
+	// and one after each 410 Gone), watch streams that ended.
+	Events         uint64 `json:"events"`
+	Relists        uint64 `json:"relists"`
+	StreamRestarts uint64 `json:"stream_restarts"`
+	// Endpoints are every address of the slices at the Service's port, with
+	// their conditions; used is true for those requests go to.
+	Endpoints []APIEndpointStatus `json:"endpoints"`
+}
+
+// APIEndpointStatus is one address of an EndpointSlice.
+type APIEndpointStatus struct {
+	Address     string `json:"address"`
+	Ready       bool   `json:"ready"`
+	Serving     bool   `json:"serving"`
+	Terminating bool   `json:"terminating"`
+	Zone        string `json:"zone,omitempty"`
+	NodeName    string `json:"node_name,omitempty"`
+	Hostname    string `json:"hostname,omitempty"`
+	Slice       string `json:"slice"`
+	Used        bool   `json:"used"`
+	// Refused says why the address policy refused the address.
+	Refused string `json:"refused,omitempty"`
+}
+
+// apiStatusOf is the APIStatus of st; nil for a via dns watcher.
+func apiStatusOf(st discovery.Status) *APIStatus {
+	if st.Config.API == nil {
+		return nil
+	}
+	out := &APIStatus{Endpoint: st.Config.API.Endpoint, Events: st.Stats.Events, Relists: st.Stats.Relists,
+		StreamRestarts: st.Stats.StreamRestarts, Endpoints: []APIEndpointStatus{}}
+	if st.Snapshot == nil || st.Snapshot.API == nil {
+		return out
+	}
+	a := st.Snapshot.API
+	out.ResourceVersion, out.LastEvent, out.Slices = a.ResourceVersion, a.LastEvent, a.Slices
+	for _, e := range a.Endpoints {
+		out.Endpoints = append(out.Endpoints, APIEndpointStatus{Address: e.Dial, Ready: e.Ready, Serving: e.Serving,
+			Terminating: e.Terminating, Zone: e.Zone, NodeName: e.NodeName, Hostname: e.Hostname, Slice: e.Slice,
+			Used: e.Used, Refused: e.Refused})
+	}
+	return out
+}
+
+// The metrics of `via api` watchers, exported for the services that have one.
+var (
+	descAPIEvents = prometheus.NewDesc("caddy_headless_api_events_total",
+		"EndpointSlice watch events that changed a slice of a headless Service (via api).",
+		[]string{"service"}, nil)
+	descAPIRelists = prometheus.NewDesc("caddy_headless_api_relists_total",
+		"Lists of a headless Service's EndpointSlices (via api): the first one, and one after each 410 Gone.",
+		[]string{"service"}, nil)
+	descAPIRestarts = prometheus.NewDesc("caddy_headless_api_stream_restarts_total",
+		"EndpointSlice watch streams of a headless Service that ended (the apiserver's timeout, a broken connection, a 410) and were opened again (via api).",
+		[]string{"service"}, nil)
+	apiDescs = []*prometheus.Desc{descAPIEvents, descAPIRelists, descAPIRestarts}
+)
+
+func collectAPI(ch chan<- prometheus.Metric, st discovery.Stats, label string) {
+	ch <- prometheus.MustNewConstMetric(descAPIEvents, prometheus.CounterValue, float64(st.Events), label)
+	ch <- prometheus.MustNewConstMetric(descAPIRelists, prometheus.CounterValue, float64(st.Relists), label)
+	ch <- prometheus.MustNewConstMetric(descAPIRestarts, prometheus.CounterValue, float64(st.StreamRestarts), label)
 }

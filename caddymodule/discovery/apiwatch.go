@@ -462,6 +462,7 @@ func (r *apiRun) publish() {
 	w := r.w
 	now := time.Now()
 	res, st, why := apiResult(w.cfg, r.host, &r.set)
+	res.Server = w.cfg.API.Endpoint
 	prev := w.snap.Load()
 	r.seq++
 	w.started.Store(r.seq)

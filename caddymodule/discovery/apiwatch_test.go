@@ -2,6 +2,8 @@ package discovery
 
 import (
 	"context"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -332,5 +334,27 @@ func TestAPIValidate(t *testing.T) {
 	svc, _ := ParseService("web.bbs:80", Defaults{})
 	if err := (Config{Service: svc, IPv4: true, API: &APISource{Endpoint: "10.0.0.1:443"}}).Validate(); err == nil || !strings.Contains(err.Error(), "endpoint") {
 		t.Errorf("bad endpoint: Validate = %v", err)
+	}
+}
+
+// The defaults of via api come from the pod: the apiserver from
+// KUBERNETES_SERVICE_HOST/PORT, ca.crt and token next to the namespace file.
+func TestDetectAPIDefaults(t *testing.T) {
+	dir := t.TempDir()
+	for _, f := range []string{"namespace", "ca.crt", "token"} {
+		if err := os.WriteFile(filepath.Join(dir, f), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	env := map[string]string{"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "443"}
+	d := Environment{ResolvConf: filepath.Join(dir, "none"), NamespaceFile: filepath.Join(dir, "namespace"),
+		Getenv: func(k string) string { return env[k] }}.Detect()
+	if d.APIServer != "https://[fd00::1]:443" || d.APICAFile != filepath.Join(dir, "ca.crt") || d.APITokenFile != filepath.Join(dir, "token") {
+		t.Fatalf("Detect() = %+v", d)
+	}
+	d = Environment{ResolvConf: filepath.Join(dir, "none"), NamespaceFile: "/nonexistent/namespace",
+		Getenv: func(string) string { return "" }}.Detect()
+	if d.APIServer != "" || d.APICAFile != "" || d.APITokenFile != "" {
+		t.Fatalf("outside a pod: Detect() = %+v", d)
 	}
 }
