@@ -42,8 +42,9 @@ func TestViaAPIProvisionRequestsStatus(t *testing.T) {
 	}
 
 	fake.Apply("bbs", apitest.Slice("web-1", "web", "IPv4", port, draining))
+	fake.Apply("bbs", apitest.Slice("web-2", "web", "IPv4", port))
 	for {
-		if s := h.watcher.Snapshot(); s != nil && len(s.Endpoints) == 1 && s.Endpoints[0].Dial == "10.0.0.2:8080" {
+		if s := h.watcher.Snapshot(); s != nil && len(s.Endpoints) == 1 && s.Endpoints[0].Dial == "10.0.0.2:8080" && s.API.Slices == 2 {
 			break
 		}
 		time.Sleep(5 * time.Millisecond)
@@ -60,7 +61,7 @@ func TestViaAPIProvisionRequestsStatus(t *testing.T) {
 
 	s := gather(t, ctx)
 	s.expect(t, `caddy_headless_api_relists_total{service="web.bbs.svc.cluster.local:http"}`, 1)
-	s.expect(t, `caddy_headless_api_events_total{service="web.bbs.svc.cluster.local:http"}`, 1)
+	s.expect(t, `caddy_headless_api_events_total{service="web.bbs.svc.cluster.local:http"}`, 2)
 	s.expect(t, `caddy_headless_api_stream_restarts_total{service="web.bbs.svc.cluster.local:http"}`, 0)
 	families, err := ctx.GetMetricsRegistry().Gather()
 	if err != nil {

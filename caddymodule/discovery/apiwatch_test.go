@@ -211,7 +211,10 @@ func TestAPIResumeAndRelistOnGone(t *testing.T) {
 	fake.Apply("other", apitest.Slice("x", "x", "IPv4", http8080, apitest.Ready("10.1.0.1"))) // moves the resourceVersion on
 	fake.Bookmark()
 	rv := ""
-	for rv == "" || !slices.Contains(fake.Requests(), "watch bbs from "+rv) {
+	for i := 0; rv == "" || !slices.Contains(fake.Requests(), "watch bbs from "+rv); i++ {
+		if i == 1000 {
+			t.Fatalf("the watch never resumed from the bookmark's resourceVersion %s: requests %q", rv, fake.Requests())
+		}
 		time.Sleep(10 * time.Millisecond)
 		fake.EndStreams() // until the watcher has taken the bookmark and resumed from it
 		rv = bookmarkRV(fake)
