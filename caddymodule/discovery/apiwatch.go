@@ -271,6 +271,34 @@ func deref(s *string) string {
 	return *s
 }
 
+// clients holds one kubeapi.Client per apiserver setting, shared by every
+// Watcher: one transport, so the watches of many Services are streams on
+// the same HTTP/2 connection, not a connection each.
+var clients struct {
+	sync.Mutex
+	m map[APISource]*kubeapi.Client
+}
+
+// sharedClient returns the client of a, making it (reading the CA and the
+// token) if there is none yet; a failure is not kept, so a file that
+// appears later is read on the next attempt.
+func sharedClient(a APISource) (*kubeapi.Client, error) {
+	clients.Lock()
+	defer clients.Unlock()
+	if c := clients.m[a]; c != nil {
+		return c, nil
+	}
+	c, err := kubeapi.New(a.Endpoint, a.CAFile, a.TokenFile, apiListTimeout)
+	if err != nil {
+		return nil, err
+	}
+	if clients.m == nil {
+		clients.m = map[APISource]*kubeapi.Client{}
+	}
+	clients.m[a] = c
+	return c, nil
+}
+
 // apiRun is the state of one Watcher's watch, owned by runAPI.
 type apiRun struct {
 	w        *Watcher
@@ -332,10 +360,9 @@ func (r *apiRun) sleep(ctx context.Context, d time.Duration) bool {
 func (r *apiRun) once(ctx context.Context) error {
 	w := r.w
 	if r.client == nil {
-		a := w.cfg.API
-		c, err := kubeapi.New(a.Endpoint, a.CAFile, a.TokenFile, apiListTimeout)
+		c, err := sharedClient(*w.cfg.API)
 		if err != nil {
-			return fmt.Errorf("via api: the apiserver at %s could not be used: %w", a.Endpoint, err)
+			return fmt.Errorf("via api: the apiserver at %s could not be used: %w", w.cfg.API.Endpoint, err)
 		}
 		r.client = c
 	}
