@@ -210,9 +210,10 @@ func TestViaAPI(t *testing.T) {
 		stop := make(chan struct{})
 		loop := s.requestLoopVM("/api/", stop)
 		var once sync.Once
+		var runs []attempt
 		stopLoop := func() []attempt {
-			once.Do(func() { close(stop) })
-			return <-loop
+			once.Do(func() { close(stop); runs = <-loop })
+			return runs
 		}
 		defer stopLoop()
 		time.Sleep(time.Second)
@@ -231,9 +232,8 @@ func TestViaAPI(t *testing.T) {
 		}
 		t.Logf("after the restart the next change was followed in %v", time.Since(applied).Round(time.Millisecond))
 		time.Sleep(time.Second)
-		runs := stopLoop()
 		var failed []string
-		for _, a := range runs {
+		for _, a := range stopLoop() {
 			if a.err != "" {
 				failed = append(failed, fmt.Sprintf("%s: %s", a.start.Format("15:04:05.000"), a.err))
 			}
