@@ -2,6 +2,8 @@ package discovery
 
 import (
 	"context"
+	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -359,5 +361,28 @@ func TestDetectAPIDefaults(t *testing.T) {
 		Getenv: func(string) string { return "" }}.Detect()
 	if d.APIServer != "" || d.APICAFile != "" || d.APITokenFile != "" {
 		t.Fatalf("outside a pod: Detect() = %+v", d)
+	}
+}
+
+// 1,000 endpoints over 10 slices: all of them, once each, sorted.
+func TestAPIThousandEndpointsTenSlices(t *testing.T) {
+	fake := apitest.New(t, "bbs")
+	var want []string
+	for sl := range 10 {
+		var eps []apitest.Endpoint
+		for i := range 100 {
+			addr := fmt.Sprintf("10.1.%d.%d", sl, i+1)
+			eps = append(eps, apitest.Ready(addr))
+			want = append(want, addr+":8080")
+		}
+		fake.Apply("bbs", apitest.Slice(fmt.Sprintf("big-%d", sl), "big", "IPv4", http8080, eps...))
+	}
+	slices.SortFunc(want, func(a, b string) int {
+		return netip.MustParseAddrPort(a).Compare(netip.MustParseAddrPort(b))
+	})
+	w, _ := apiWatcher(t, fake, "big.bbs:8080", nil)
+	s := await(t, w, "1,000 endpoints", func(s *Snapshot) bool { return len(s.Endpoints) == 1000 })
+	if !slices.Equal(dialList(s.Endpoints), want) {
+		t.Fatal("the 1,000 endpoints are not every address once, sorted")
 	}
 }
