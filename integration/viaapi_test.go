@@ -2,8 +2,10 @@ package integration
 
 import (
 	"fmt"
+	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -278,4 +280,51 @@ func (s *suite) requestLoopVM(path string, stop <-chan struct{}) <-chan []attemp
 		}
 	}()
 	return out
+}
+
+// The via-api overlay renders with its Role (list, watch on endpointslices
+// in the backend namespace, nothing cluster-wide) and HEADLESS_OPTIONS=via
+// api; the example Caddyfile with that option passes `caddy validate`
+// without contacting the apiserver its environment names.
+func TestDeployViaAPIOverlay(t *testing.T) {
+	s := requireSuite(t)
+	out, err := run(s.tool("kubectl"), "kustomize", deployDir("overlays/via-api"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"name: HEADLESS_OPTIONS\n          value: via api", "name: caddy-endpointslices\n  namespace: bbs",
+		"resources:\n  - endpointslices\n  verbs:\n  - list\n  - watch"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the rendered overlay lacks %q", want)
+		}
+	}
+	if strings.Contains(out, "ClusterRole") {
+		t.Error("the via-api overlay grants something cluster-wide")
+	}
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	contacted := make(chan struct{}, 1)
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			c.Close()
+			contacted <- struct{}{}
+		}
+	}()
+	dir := t.TempDir()
+	cmd := exec.Command(s.caddyBin, "validate", "--config", "../Caddyfile.example", "--adapter", "caddyfile")
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir, "HEADLESS_OPTIONS=via api",
+		"KUBERNETES_SERVICE_HOST=127.0.0.1", "KUBERNETES_SERVICE_PORT="+port)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("caddy validate of the example via api: %v\n%s", err, b)
+	}
+	select {
+	case <-contacted:
+		t.Error("caddy validate contacted the apiserver")
+	case <-time.After(200 * time.Millisecond):
+	}
 }
