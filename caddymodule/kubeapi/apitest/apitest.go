@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -39,6 +40,9 @@ type API struct {
 	rv        int
 	log       []event // every change, oldest first
 	compacted int     // a watch from a resourceVersion below this gets 410
+	logStart  int     // resourceVersion of log[0]
+	conns     int     // connections accepted
+	open      int     // connections open now
 	down      bool
 	streams   map[int]chan struct{} // open watches; closed to end one
 	nextID    int
@@ -61,7 +65,21 @@ func New(t testing.TB, namespaces ...string) *API {
 		f.Allow("list", ns)
 		f.Allow("watch", ns)
 	}
-	f.srv = httptest.NewTLSServer(http.HandlerFunc(f.serve))
+	// HTTP/2, as kube-apiserver: many watches share one connection.
+	f.srv = httptest.NewUnstartedServer(http.HandlerFunc(f.serve))
+	f.srv.EnableHTTP2 = true
+	f.srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		switch st {
+		case http.StateNew:
+			f.conns++
+			f.open++
+		case http.StateClosed, http.StateHijacked:
+			f.open--
+		}
+	}
+	f.srv.StartTLS()
 	t.Cleanup(func() { f.EndStreams(); f.srv.Close() })
 	dir := t.TempDir()
 	f.TokenFile, f.CAFile = filepath.Join(dir, "token"), filepath.Join(dir, "ca.crt")
@@ -112,6 +130,7 @@ func (f *API) Compact() {
 	defer f.mu.Unlock()
 	f.compacted = f.rv + 1
 	f.log = nil
+	f.logStart = f.rv + 1
 }
 
 // Requests returns "list namespace" or "watch namespace from rv" of every
@@ -121,6 +140,10 @@ func (f *API) Requests() []string {
 	defer f.mu.Unlock()
 	return append([]string(nil), f.requests...)
 }
+
+// Conns is the number of connections the fake accepted, and of those
+// still open.
+func (f *API) Conns() (accepted, open int) { f.mu.Lock(); defer f.mu.Unlock(); return f.conns, f.open }
 
 // Streams is the number of open watches.
 func (f *API) Streams() int { f.mu.Lock(); defer f.mu.Unlock(); return len(f.streams) }
@@ -178,6 +201,9 @@ func (f *API) record(typ, ns string, obj map[string]any) {
 		} else {
 			f.slices[ns][name] = obj
 		}
+	}
+	if len(f.log) == 0 {
+		f.logStart = f.rv
 	}
 	f.log = append(f.log, event{rv: f.rv, typ: typ, ns: ns, obj: obj})
 	close(f.changed)
@@ -302,7 +328,7 @@ func (f *API) watch(w http.ResponseWriter, r *http.Request, ns string, match fun
 			return
 		}
 		var out []event
-		for _, e := range f.log {
+		for _, e := range f.log[min(max(from+1-f.logStart, 0), len(f.log)):] { // rv = logStart + index
 			if e.rv > from && (e.typ == "BOOKMARK" || e.ns == ns && match(e.obj)) {
 				out = append(out, e)
 			}
