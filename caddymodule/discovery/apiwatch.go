@@ -273,16 +273,30 @@ func deref(s *string) string {
 
 // clients holds one kubeapi.Client per apiserver setting, shared by every
 // Watcher: one transport, so the watches of many Services are streams on
-// the same HTTP/2 connection, not a connection each.
+// a few HTTP/2 connections, not a connection each.
 var clients struct {
 	sync.Mutex
-	m map[APISource]*kubeapi.Client
+	m map[APISource]*apiClient
 }
+
+// apiClient is a shared client and the gate of its openings.
+type apiClient struct {
+	*kubeapi.Client
+	// opening bounds the lists and watch openings in flight: when every
+	// HTTP/2 connection is at its stream limit, each request in flight
+	// dials a connection of its own, and 10,000 Watchers starting at once
+	// left 4,265 connections open (TestMeasureAPIWatchers) instead of the
+	// 40 that their streams need.
+	opening chan struct{}
+}
+
+// maxOpening is the most lists and watch openings in flight per apiserver.
+const maxOpening = 8
 
 // sharedClient returns the client of a, making it (reading the CA and the
 // token) if there is none yet; a failure is not kept, so a file that
 // appears later is read on the next attempt.
-func sharedClient(a APISource) (*kubeapi.Client, error) {
+func sharedClient(a APISource) (*apiClient, error) {
 	clients.Lock()
 	defer clients.Unlock()
 	if c := clients.m[a]; c != nil {
@@ -293,16 +307,27 @@ func sharedClient(a APISource) (*kubeapi.Client, error) {
 		return nil, err
 	}
 	if clients.m == nil {
-		clients.m = map[APISource]*kubeapi.Client{}
+		clients.m = map[APISource]*apiClient{}
 	}
-	clients.m[a] = c
-	return c, nil
+	ac := &apiClient{Client: c, opening: make(chan struct{}, maxOpening)}
+	clients.m[a] = ac
+	return ac, nil
+}
+
+// gate waits for a free opening slot; release gives it back.
+func (c *apiClient) gate(ctx context.Context) (release func(), err error) {
+	select {
+	case c.opening <- struct{}{}:
+		return func() { <-c.opening }, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 }
 
 // apiRun is the state of one Watcher's watch, owned by runAPI.
 type apiRun struct {
 	w        *Watcher
-	client   *kubeapi.Client
+	client   *apiClient
 	name, ns string
 	host     string
 	set      sliceSet
@@ -376,7 +401,13 @@ func (r *apiRun) once(ctx context.Context) error {
 				q.Set("continue", cont)
 			}
 			var page sliceList
-			if err := r.client.Do(ctx, "list", endpointSlices, r.ns, "", q.Encode(), nil, &page); err != nil {
+			release, err := r.client.gate(ctx)
+			if err != nil {
+				return err
+			}
+			err = r.client.Do(ctx, "list", endpointSlices, r.ns, "", q.Encode(), nil, &page)
+			release()
+			if err != nil {
 				return err
 			}
 			for i := range page.Items {
@@ -394,7 +425,12 @@ func (r *apiRun) once(ctx context.Context) error {
 	}
 	q := url.Values{"labelSelector": sel["labelSelector"], "resourceVersion": {r.set.rv},
 		"allowWatchBookmarks": {"true"}, "timeoutSeconds": {fmt.Sprint(int(apiWatchTimeout / time.Second))}}
+	release, err := r.client.gate(ctx)
+	if err != nil {
+		return err
+	}
 	stream, err := r.client.Watch(ctx, endpointSlices, r.ns, q.Encode())
+	release()
 	if err != nil {
 		if kubeapi.IsGone(err) {
 			r.set.rv = "" // too old: list again
