@@ -110,6 +110,10 @@ type WatcherStatus struct {
 	// Users is how many upstream sources (handlers, across loaded configs)
 	// share the watcher.
 	Users int `json:"users"`
+	// Source is where the endpoints come from: "dns" or "api" (`via`).
+	Source string `json:"source"`
+	// API is the EndpointSlice watch of a `via api` source (via.go).
+	API *APIStatus `json:"api,omitempty"`
 	// Traffic counts the requests handed this Service's endpoints.
 	Traffic TrafficStatus `json:"traffic"`
 }
@@ -303,6 +307,7 @@ func statusOf(w *discovery.Watcher, users int) WatcherStatus {
 		Endpoints:         []EndpointStatus{},
 		StaleLimitSeconds: cfg.Stale.Seconds(),
 		Users:             users,
+		Source:            sourceOf(cfg),
 	}
 	if cfg.IPv4 {
 		out.IPVersions = append(out.IPVersions, "ipv4")
@@ -362,6 +367,7 @@ func statusOf(w *discovery.Watcher, users int) WatcherStatus {
 	out.Expired = s.Expired
 	out.NextRefresh = s.Next
 	out.Lookups = s.Seq
+	out.API = apiStatusOf(st)
 	return out
 }
 

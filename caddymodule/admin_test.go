@@ -224,7 +224,7 @@ func TestAdminHealthyService(t *testing.T) {
 			{Address: "10.1.0.2:8001", IP: "10.1.0.2", Port: 8001},
 			{Address: "10.1.0.3:8001", IP: "10.1.0.3", Port: 8001},
 		},
-		Outcome: "success", Server: dnsSrv.Addr, TTLSeconds: 5, Users: 1,
+		Outcome: "success", Server: dnsSrv.Addr, TTLSeconds: 5, Users: 1, Source: "dns",
 		// Times and counts are checked below.
 		ResolvedAt: got.ResolvedAt, NextRefresh: got.NextRefresh, Lookups: got.Lookups,
 		AnswerAgeSeconds: got.AnswerAgeSeconds,

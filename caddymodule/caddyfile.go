@@ -27,6 +27,7 @@ import (
 //	    allow_cidrs      <cidr>...
 //	    candidates       <n>|all
 //	    weights          <weight>...   (one per Service, in order; 0 = backup)
+//	    via              dns|api [{ endpoint <url>; ca_file <pem>; token_file <file> }]
 //
 //	    # active health checks (any health_* option turns them on)
 //	    health_uri       <uri>
@@ -150,6 +151,7 @@ func (p *optionParser) errAt(d *caddyfile.Dispenser, err error) error {
 var caddyfileEnv = discovery.Detected{
 	Defaults:  discovery.Defaults{Namespace: "default", ClusterDomain: "cluster.local"},
 	Resolvers: []string{"127.0.0.1:53"},
+	APIServer: "https://127.0.0.1:6443",
 }
 
 // setService takes the current token as the service reference.
@@ -250,6 +252,8 @@ func (h *Headless) unmarshalOption(d *caddyfile.Dispenser) (bool, error) {
 		h.EDNSBufferSize, err = numberArg(d)
 	case "weights":
 		err = h.unmarshalWeights(d)
+	case "via":
+		return true, h.unmarshalVia(d)
 	case "candidates":
 		if args := d.RemainingArgs(); len(args) == 1 && args[0] == "all" {
 			h.Candidates = -1

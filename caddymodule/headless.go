@@ -139,6 +139,16 @@ type Headless struct {
 	// it is retried.
 	Candidates int `json:"candidates,omitempty"`
 
+	// Where the endpoints come from: `dns` (the cluster's DNS, no RBAC
+	// needed) or `api` (the Service's EndpointSlices, watched on the
+	// Kubernetes API: changes within milliseconds, drain of terminating
+	// endpoints; needs list and watch on endpointslices). See via.go and
+	// the README. Default: dns.
+	Via string `json:"via,omitempty"`
+
+	// The apiserver of `via api`; only with via api. Default: the pod's.
+	API *ViaAPI `json:"api,omitempty"`
+
 	// The first (or only) Service's watcher, its pool key and its sampler;
 	// uses has every Service's.
 	key     string
@@ -327,6 +337,9 @@ func (h *Headless) config(det discovery.Detected) (discovery.Config, error) {
 	if v := h.Versions; v != nil && (v.IPv4 != nil || v.IPv6 != nil) {
 		cfg.IPv4 = v.IPv4 != nil && *v.IPv4
 		cfg.IPv6 = v.IPv6 != nil && *v.IPv6
+	}
+	if err := h.viaConfig(&cfg, det); err != nil {
+		return fail("%v", err)
 	}
 	if err := cfg.Validate(); err != nil {
 		return fail("%v", err)

@@ -96,7 +96,7 @@ var healthDescs = []*prometheus.Desc{descChecks, descTransitions, descHealthy, d
 // allDescs are the metrics a serviceCollector exports.
 var allDescs = append([]*prometheus.Desc{descLookups, descQueries, descTruncated, descDropped,
 	descDuration, descEndpoints, descSinceSuccess, descStale, descCache, descAside,
-	descRequests, descBackupRequests, descBackupInUse}, healthDescs...)
+	descRequests, descBackupRequests, descBackupInUse}, append(healthDescs, apiDescs...)...)
 
 // serviceCollector exports the watchers one config uses. One is registered on
 // each config's registry; every Headless of that config adds its watcher.
@@ -176,6 +176,7 @@ type serviceSeries struct {
 	aside        int     // summed
 	watchers     int
 
+	api     bool // one of the watchers is via api (via.go)
 	health  bool // one of the watchers has health checks
 	healthy int  // fewest among the watchers with health checks
 	panic   bool
@@ -248,6 +249,9 @@ func (c *serviceCollector) Collect(ch chan<- prometheus.Metric) {
 			inUse = 1
 		}
 		ch <- prometheus.MustNewConstMetric(descBackupInUse, prometheus.GaugeValue, inUse, label)
+		if s.api {
+			collectAPI(ch, st, label)
+		}
 		if !s.health {
 			continue
 		}
@@ -267,6 +271,7 @@ func (c *serviceCollector) Collect(ch chan<- prometheus.Metric) {
 // add translates one watcher's Status into the series.
 func (s *serviceSeries) add(st discovery.Status, now time.Time) {
 	s.stats.Add(st.Stats)
+	s.api = s.api || st.Config.API != nil
 
 	if h := st.Health; h != nil {
 		if !s.health || h.Eligible < s.healthy {

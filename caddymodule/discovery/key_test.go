@@ -20,6 +20,7 @@ func keyBase() Config {
 		Resolver:   &Resolver{Servers: []string{"127.0.0.1:5353"}, Timeout: 3 * time.Second, UDPSize: 1400},
 		RefreshMin: 2 * time.Second, RefreshMax: 7 * time.Second,
 		Stale: time.Minute,
+		API:   &APISource{Endpoint: "https://127.0.0.1:6443", CAFile: "/ca.crt", TokenFile: "/token"},
 		Health: &HealthCheck{
 			TCP: false, Method: "HEAD", URI: "/healthz", Headers: http.Header{"Host": {"app"}}, Port: 9000,
 			Status: 204, Body: regexp.MustCompile("ok"), Interval: 3 * time.Second, Jitter: 100 * time.Millisecond,

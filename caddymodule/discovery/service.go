@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"unicode/utf8"
@@ -190,6 +191,8 @@ func checkPortName(p string) error {
 type Environment struct {
 	ResolvConf    string // default /etc/resolv.conf
 	NamespaceFile string // default /var/run/secrets/kubernetes.io/serviceaccount/namespace
+	// Getenv reads KUBERNETES_SERVICE_HOST and _PORT; default os.Getenv.
+	Getenv func(string) string
 }
 
 // Detected holds the defaults found in a pod's environment.
@@ -197,6 +200,11 @@ type Detected struct {
 	Defaults
 	// Resolvers are the nameservers of resolv.conf as host:port.
 	Resolvers []string
+	// The defaults of `via api`: the apiserver as the pod sees it
+	// (https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT, empty
+	// outside a pod), and the service account's ca.crt and token next to
+	// the namespace file (empty if missing).
+	APIServer, APICAFile, APITokenFile string
 }
 
 // Detect reads the defaults a pod sees: the namespace from the service-account
@@ -238,6 +246,20 @@ func (e Environment) Detect() Detected {
 	if b, err := os.ReadFile(nsFile); err == nil && strings.TrimSpace(string(b)) != "" {
 		d.Namespace = strings.TrimSpace(string(b))
 	}
+	getenv := e.Getenv
+	if getenv == nil {
+		getenv = os.Getenv
+	}
+	if host, port := getenv("KUBERNETES_SERVICE_HOST"), getenv("KUBERNETES_SERVICE_PORT"); host != "" && port != "" {
+		d.APIServer = "https://" + net.JoinHostPort(host, port)
+	}
+	saDir := filepath.Dir(nsFile)
+	if f := filepath.Join(saDir, "ca.crt"); exists(f) {
+		d.APICAFile = f
+	}
+	if f := filepath.Join(saDir, "token"); exists(f) {
+		d.APITokenFile = f
+	}
 	if d.Namespace == "" {
 		d.Namespace = "default"
 	}
@@ -249,3 +271,5 @@ func (e Environment) Detect() Detected {
 	}
 	return d
 }
+
+func exists(p string) bool { _, err := os.Stat(p); return err == nil }

@@ -92,15 +92,15 @@ func TestDetect(t *testing.T) {
 		want Detected
 	}{
 		{"pod without namespace file", Environment{ResolvConf: pod, NamespaceFile: filepath.Join(dir, "none")},
-			Detected{Defaults{"bbs", "corp.example"}, []string{"10.96.0.10:53"}}},
+			Detected{Defaults: Defaults{"bbs", "corp.example"}, Resolvers: []string{"10.96.0.10:53"}}},
 		{"pod with namespace file", Environment{ResolvConf: pod, NamespaceFile: nsFile},
-			Detected{Defaults{"payments", "corp.example"}, []string{"10.96.0.10:53"}}},
+			Detected{Defaults: Defaults{"payments", "corp.example"}, Resolvers: []string{"10.96.0.10:53"}}},
 		{"outside a cluster", Environment{ResolvConf: plain, NamespaceFile: filepath.Join(dir, "none")},
-			Detected{Defaults{"default", "cluster.local"}, []string{"192.0.2.1:53", "[2001:db8::1]:53"}}},
+			Detected{Defaults: Defaults{"default", "cluster.local"}, Resolvers: []string{"192.0.2.1:53", "[2001:db8::1]:53"}}},
 		{"zoned nameserver", Environment{ResolvConf: zoned, NamespaceFile: filepath.Join(dir, "none")},
-			Detected{Defaults{"default", "cluster.local"}, []string{"[fe80::1%lo]:53"}}},
+			Detected{Defaults: Defaults{"default", "cluster.local"}, Resolvers: []string{"[fe80::1%lo]:53"}}},
 		{"no resolv.conf", Environment{ResolvConf: filepath.Join(dir, "none"), NamespaceFile: filepath.Join(dir, "none")},
-			Detected{Defaults{"default", "cluster.local"}, []string{"127.0.0.1:53"}}},
+			Detected{Defaults: Defaults{"default", "cluster.local"}, Resolvers: []string{"127.0.0.1:53"}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got := tc.env.Detect()

@@ -63,6 +63,10 @@ type Stats struct {
 	// Passes and Fails count health probes; ToHealthy and ToUnhealthy the
 	// endpoints that changed state (first probes of new endpoints included).
 	Passes, Fails, ToHealthy, ToUnhealthy uint64
+	// Events counts EndpointSlice watch events that changed a slice,
+	// Relists the lists (the first one and each after a 410 Gone),
+	// StreamRestarts the watch streams that ended (`via api` only).
+	Events, Relists, StreamRestarts uint64
 }
 
 // DurationBuckets returns the upper bounds of Stats.Durations (a copy).
@@ -104,6 +108,9 @@ func (s *Stats) Add(o Stats) {
 	s.Fails += o.Fails
 	s.ToHealthy += o.ToHealthy
 	s.ToUnhealthy += o.ToUnhealthy
+	s.Events += o.Events
+	s.Relists += o.Relists
+	s.StreamRestarts += o.StreamRestarts
 }
 
 // NewStats returns zero Stats ready for Add.

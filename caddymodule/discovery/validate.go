@@ -77,6 +77,14 @@ func (c Config) Validate() error {
 			bad("allow_cidrs: %s is not a valid CIDR", p)
 		}
 	}
+	if a := c.API; a != nil {
+		if _, _, _, err := KubeName(c.Service); err != nil {
+			errs = append(errs, err)
+		}
+		if u, err := url.Parse(a.Endpoint); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" || (u.Path != "" && u.Path != "/") {
+			bad("via api: endpoint %q: want https://host:port", a.Endpoint)
+		}
+	}
 	if health != nil {
 		if err := health.validate(); err != nil {
 			errs = append(errs, err)

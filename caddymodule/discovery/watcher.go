@@ -34,6 +34,10 @@ type Config struct {
 	// Addresses decides which endpoint addresses are used; by default not
 	// loopback or link-local ones.
 	Addresses AddressPolicy
+	// API, if set, reads the Service's EndpointSlices from this apiserver
+	// (`via api`, apiwatch.go) instead of asking DNS; Resolver and the
+	// refresh interval are then unused.
+	API *APISource
 }
 
 // DefaultRefresh is the re-check interval when a Config sets none: cluster DNS
@@ -86,6 +90,7 @@ func (c Config) Key() string {
 		c.Service.QName(), c.Service.Port, c.IPv4, c.IPv6, r.Servers, r.Timeout, r.UDPSize,
 		c.RefreshMin, c.RefreshMax, c.Stale)
 	key += " addresses: " + c.Addresses.key()
+	key += c.API.key()
 	if h := c.Health; h != nil {
 		body := ""
 		if h.Body != nil {
@@ -145,6 +150,8 @@ type Snapshot struct {
 	Seq uint64
 	// Unavailable is the error handed to requests when Endpoints is empty.
 	Unavailable error
+	// API is what the EndpointSlice watch saw (`via api`); nil for DNS.
+	API *APIState
 }
 
 // Stale reports whether the endpoints are kept from an earlier answer.
@@ -191,6 +198,10 @@ var ErrNotResolved = errors.New("not resolved yet")
 func (w *Watcher) Run() {
 	w.begin.Do(func() {
 		w.running.Store(true)
+		if w.cfg.API != nil {
+			go w.runAPI(w.ctx)
+			return
+		}
 		go w.run(w.ctx)
 	})
 }

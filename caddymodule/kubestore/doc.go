@@ -5,9 +5,10 @@
 // caddy.storage.k8s (package caddymodule) configures it.
 //
 // Files:
-//   - client.go: a small REST client (get, create, update, delete with
-//     preconditions, list by label) with the apiserver's Status in errors and
-//     a service-account token that is re-read as it rotates
+//   - client.go: the typed calls (get, create, update, delete with
+//     preconditions, list by label) on the shared REST client of package
+//     kubeapi, which carries the apiserver's Status in errors and re-reads
+//     the service-account token as it rotates
 //   - names.go: keys and lock names → valid, injective object names and labels
 //   - storage.go: Store, Load, Delete, Exists, List, Stat
 //   - locks.go: Lock, TryLock, Unlock on Leases with a heartbeat

@@ -1,4 +1,4 @@
-package kubestore
+package kubeapi
 
 import (
 	"os"
@@ -7,7 +7,7 @@ import (
 	"time"
 )
 
-// TestTokenIsReadAgainWhenOld: a token older than tokenMaxAge is read
+// TestTokenIsReadAgainWhenOld: a token older than TokenMaxAge is read
 // from the file again before it is used, without waiting for a 401 (bound
 // service-account tokens rotate; an apiserver may keep accepting the old
 // one for a while, then refuse it mid-operation).
@@ -16,20 +16,20 @@ func TestTokenIsReadAgainWhenOld(t *testing.T) {
 	if err := os.WriteFile(file, []byte("old\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	ts := &tokenSource{file: file}
-	if v, err := ts.get(false); err != nil || v != "old" {
+	ts := &TokenSource{File: file}
+	if v, err := ts.Get(false); err != nil || v != "old" {
 		t.Fatalf("first read = %q, %v", v, err)
 	}
 	if err := os.WriteFile(file, []byte("new\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if v, _ := ts.get(false); v != "old" {
-		t.Fatalf("a fresh token was read again (%q): want it cached for %v", v, tokenMaxAge)
+	if v, _ := ts.Get(false); v != "old" {
+		t.Fatalf("a fresh token was read again (%q): want it cached for %v", v, TokenMaxAge)
 	}
 	ts.mu.Lock()
-	ts.readAt = ts.readAt.Add(-tokenMaxAge - time.Second) // as if read a while ago
+	ts.readAt = ts.readAt.Add(-TokenMaxAge - time.Second) // as if read a while ago
 	ts.mu.Unlock()
-	if v, err := ts.get(false); err != nil || v != "new" {
-		t.Fatalf("token read %v ago = %q, %v; want the file's new token", tokenMaxAge, v, err)
+	if v, err := ts.Get(false); err != nil || v != "new" {
+		t.Fatalf("token read %v ago = %q, %v; want the file's new token", TokenMaxAge, v, err)
 	}
 }

@@ -1,0 +1,330 @@
+package integration
+
+import (
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// `via api` on the suite's kube-apiserver in RBAC mode, as a service
+// account bound to exactly the Role of deploy/overlays/via-api (read from
+// the overlay, so it cannot drift): convergence beside via dns, drain of a
+// terminating endpoint, the terminating fallback, an apiserver restart
+// under a request loop.
+
+const viaAPINS, viaAPIAccountNS = "viaapi", "caddy-viaapi"
+
+// viaAPIToken applies the overlay's Role and RoleBinding for ns, bound to
+// the service account caddy of saNS, and returns a file with its token.
+func (s *suite) viaAPIToken(t *testing.T, ns, saNS string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(deployDir("overlays/via-api"), "endpointslices-rbac.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rbac := strings.NewReplacer("namespace: bbs", "namespace: "+ns, "namespace: caddy-system", "namespace: "+saNS).Replace(string(b))
+	if strings.Contains(rbac, "ClusterRole") || !strings.Contains(rbac, "verbs: [list, watch]") {
+		t.Fatalf("the overlay's RBAC must be list and watch in namespaces only:\n%s", rbac)
+	}
+	s.apply(t,
+		fmt.Sprintf("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: %s\n", ns),
+		fmt.Sprintf("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: %s\n", saNS),
+		fmt.Sprintf("apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: caddy\n  namespace: %s\n", saNS))
+	s.apply(t, strings.Split(rbac, "\n---\n")...)
+	tok := s.kubectl(t, "-n", saNS, "create", "token", "caddy", "--duration=2h")
+	f := filepath.Join(s.dir, "token-"+saNS)
+	if err := os.WriteFile(f, []byte(strings.TrimSpace(tok)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// condEndpoint is an EndpointSlice endpoint with all three conditions.
+type condEndpoint struct {
+	addr                        string
+	ready, serving, terminating bool
+}
+
+func ready(addr string) condEndpoint    { return condEndpoint{addr, true, true, false} }
+func draining(addr string) condEndpoint { return condEndpoint{addr, false, true, true} }
+
+func condSlice(ns, svc, name string, port int, eps ...condEndpoint) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: %s\n  namespace: %s\n  labels:\n    kubernetes.io/service-name: %s\naddressType: IPv4\nports:\n- name: http\n  port: %d\n  protocol: TCP\n", name, ns, svc, port)
+	if len(eps) == 0 {
+		b.WriteString("endpoints: []\n")
+	} else {
+		b.WriteString("endpoints:\n")
+	}
+	for _, e := range eps {
+		fmt.Fprintf(&b, "- addresses: [%q]\n  conditions:\n    ready: %t\n    serving: %t\n    terminating: %t\n", e.addr, e.ready, e.serving, e.terminating)
+	}
+	return b.String()
+}
+
+func percentile(ds []time.Duration, p float64) time.Duration {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[min(len(s)-1, int(float64(len(s))*p))]
+}
+
+func TestViaAPI(t *testing.T) {
+	s := requireSuite(t)
+	vms := s.useVMs(t, 1, 2, 3)
+	token := s.viaAPIToken(t, viaAPINS, viaAPIAccountNS)
+	const svc, port = "web", 8080
+	ports := map[string]int{"http": port}
+	s.apply(t, headlessService(viaAPINS, svc, ports), condSlice(viaAPINS, svc, "web-1", port, ready(vms[0].v4)))
+	ref := fmt.Sprintf("%s.%s:%d", svc, viaAPINS, port)
+	c := s.startCaddy(t, fmt.Sprintf(`	handle /api/* {
+		headless_proxy %[1]s {
+			via api {
+				endpoint %[2]s
+				ca_file %[3]s
+				token_file %[4]s
+			}
+		}
+	}
+	handle /dns/* {
+		headless_proxy %[1]s {
+			resolvers %[5]s
+		}
+	}
+`, ref, s.apiURL, s.caFile, token, s.dnsAddr()))
+	cl := s.client()
+	answeredBy := func(path, want string) bool {
+		r, err := s.get(cl, path)
+		return err == nil && r.status == http.StatusOK && r.reply.VM == want
+	}
+	if err := waitFor(20*time.Second, 50*time.Millisecond, func() error {
+		if !answeredBy("/api/", vms[0].name) || !answeredBy("/dns/", vms[0].name) {
+			return fmt.Errorf("not answered by %s yet", vms[0].name)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+
+	t.Run("Convergence", func(t *testing.T) {
+		// From `kubectl apply` returning to a request answered by the new
+		// set (one endpoint, so every request after that goes there).
+		const changes = 50
+		var viaAPI, viaDNS []time.Duration
+		for i := range changes {
+			to := vms[(i+1)%2]
+			s.apply(t, condSlice(viaAPINS, svc, "web-1", port, ready(to.v4)))
+			applied := time.Now()
+			for !answeredBy("/api/", to.name) {
+				if time.Since(applied) > 30*time.Second {
+					t.Fatalf("change %d: via api never reached %s", i, to.name)
+				}
+				time.Sleep(2 * time.Millisecond)
+			}
+			viaAPI = append(viaAPI, time.Since(applied))
+			for !answeredBy("/dns/", to.name) {
+				if time.Since(applied) > 30*time.Second {
+					t.Fatalf("change %d: via dns never reached %s", i, to.name)
+				}
+				time.Sleep(2 * time.Millisecond)
+			}
+			viaDNS = append(viaDNS, time.Since(applied))
+		}
+		t.Logf("convergence over %d changes: via api p50 %v p99 %v; via dns (direct CoreDNS, refresh 1s) p50 %v p99 %v",
+			changes, percentile(viaAPI, .5).Round(time.Millisecond), percentile(viaAPI, .99).Round(time.Millisecond),
+			percentile(viaDNS, .5).Round(time.Millisecond), percentile(viaDNS, .99).Round(time.Millisecond))
+	})
+
+	t.Run("Drain", func(t *testing.T) {
+		a, b := vms[0], vms[1]
+		s.apply(t, condSlice(viaAPINS, svc, "web-1", port, ready(b.v4)))
+		if err := waitFor(20*time.Second, 20*time.Millisecond, func() error {
+			if !answeredBy("/api/", b.name) {
+				return fmt.Errorf("not on %s yet", b.name)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		long := make(chan response, 1)
+		go func() {
+			r, err := s.get(s.client(), "/api/?sleep=4s")
+			if err != nil {
+				r = response{status: -1, body: err.Error()}
+			}
+			long <- r
+		}()
+		time.Sleep(500 * time.Millisecond) // the long request is on b
+		s.apply(t, condSlice(viaAPINS, svc, "web-1", port, ready(a.v4), draining(b.v4)))
+		if err := waitFor(20*time.Second, 20*time.Millisecond, func() error {
+			if !answeredBy("/api/", a.name) {
+				return fmt.Errorf("not on %s yet", a.name)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		seen := map[string]int{}
+		for range 50 {
+			seen[s.mustGet(t, cl, "/api/").VM]++
+		}
+		if seen[b.name] > 0 || seen[a.name] != 50 {
+			t.Errorf("after %s turned terminating: answers %v, want all 50 from %s", b.name, seen, a.name)
+		}
+		if r := <-long; r.status != http.StatusOK || r.reply.VM != b.name {
+			t.Errorf("the long request on the draining %s: %d %q from %q, want 200 from it", b.name, r.status, r.body, r.reply.VM)
+		}
+
+		// Every endpoint terminating but serving: requests still succeed.
+		s.apply(t, condSlice(viaAPINS, svc, "web-1", port, draining(a.v4), draining(b.v4)))
+		if err := waitFor(20*time.Second, 20*time.Millisecond, func() error {
+			if !answeredBy("/api/", b.name) {
+				return fmt.Errorf("the draining %s gets no request yet", b.name)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		seen = map[string]int{}
+		for range 50 {
+			seen[s.mustGet(t, cl, "/api/").VM]++
+		}
+		t.Logf("all terminating but serving: answers %v", seen)
+	})
+
+	t.Run("APIServerRestart", func(t *testing.T) {
+		s.apply(t, condSlice(viaAPINS, svc, "web-1", port, ready(vms[0].v4), ready(vms[1].v4)))
+		if err := waitFor(20*time.Second, 20*time.Millisecond, func() error {
+			if !answeredBy("/api/", vms[1].name) {
+				return fmt.Errorf("not on %s yet", vms[1].name)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		stop := make(chan struct{})
+		loop := s.requestLoopVM("/api/", stop)
+		var once sync.Once
+		var runs []attempt
+		stopLoop := func() []attempt {
+			once.Do(func() { close(stop); runs = <-loop })
+			return runs
+		}
+		defer stopLoop()
+		time.Sleep(time.Second)
+		s.apiSrv.stop()
+		time.Sleep(3 * time.Second)
+		if err := s.runAPIServer(); err != nil {
+			t.Fatal(err)
+		}
+		s.apply(t, condSlice(viaAPINS, svc, "web-1", port, ready(vms[2].v4)))
+		applied := time.Now()
+		for !answeredBy("/api/", vms[2].name) {
+			if time.Since(applied) > 60*time.Second {
+				t.Fatalf("after the apiserver restart, the watch did not follow the next change to %s", vms[2].name)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		t.Logf("after the restart the next change was followed in %v", time.Since(applied).Round(time.Millisecond))
+		time.Sleep(time.Second)
+		var failed []string
+		for _, a := range stopLoop() {
+			if a.err != "" {
+				failed = append(failed, fmt.Sprintf("%s: %s", a.start.Format("15:04:05.000"), a.err))
+			}
+		}
+		t.Logf("%d requests through the restart, %d failed", len(runs), len(failed))
+		if len(failed) > 0 || len(runs) < 20 {
+			t.Errorf("%d of %d requests failed while the apiserver restarted (want 0 of at least 20): %v", len(failed), len(runs), failed)
+		}
+		if n := len(c.logLines("via api: listing or watching EndpointSlices failed")); n > 1 {
+			t.Errorf("%d outage warnings, want at most 1 for one outage", n)
+		}
+	})
+}
+
+// requestLoopVM is requestLoop for the suite's VMs (which answer on their
+// own ports, not podPort).
+func (s *suite) requestLoopVM(path string, stop <-chan struct{}) <-chan []attempt {
+	out := make(chan []attempt, 1)
+	go func() {
+		cl := s.client()
+		defer cl.CloseIdleConnections()
+		var log []attempt
+		for {
+			select {
+			case <-stop:
+				out <- log
+				return
+			default:
+			}
+			a := attempt{start: time.Now()}
+			r, err := s.get(cl, path)
+			a.took = time.Since(a.start)
+			switch {
+			case err != nil:
+				a.err = err.Error()
+			case r.status != http.StatusOK || r.reply.VM == "":
+				a.err = fmt.Sprintf("status %d: %.200s", r.status, r.body)
+			}
+			a.vm = r.reply.VM
+			log = append(log, a)
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+	return out
+}
+
+// The via-api overlay renders with its Role (list, watch on endpointslices
+// in the backend namespace, nothing cluster-wide) and HEADLESS_OPTIONS=via
+// api; the example Caddyfile with that option passes `caddy validate`
+// without contacting the apiserver its environment names.
+func TestDeployViaAPIOverlay(t *testing.T) {
+	s := requireSuite(t)
+	out, err := run(s.tool("kubectl"), "kustomize", deployDir("overlays/via-api"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"name: HEADLESS_OPTIONS\n          value: via api", "name: caddy-endpointslices\n  namespace: bbs",
+		"resources:\n  - endpointslices\n  verbs:\n  - list\n  - watch"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the rendered overlay lacks %q", want)
+		}
+	}
+	if strings.Contains(out, "ClusterRole") {
+		t.Error("the via-api overlay grants something cluster-wide")
+	}
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	contacted := make(chan struct{}, 1)
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			c.Close()
+			contacted <- struct{}{}
+		}
+	}()
+	dir := t.TempDir()
+	cmd := exec.Command(s.caddyBin, "validate", "--config", "../Caddyfile.example", "--adapter", "caddyfile")
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir, "HEADLESS_OPTIONS=via api",
+		"KUBERNETES_SERVICE_HOST=127.0.0.1", "KUBERNETES_SERVICE_PORT="+port)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("caddy validate of the example via api: %v\n%s", err, b)
+	}
+	select {
+	case <-contacted:
+		t.Error("caddy validate contacted the apiserver")
+	case <-time.After(200 * time.Millisecond):
+	}
+}
