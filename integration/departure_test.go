@@ -18,7 +18,9 @@ import (
 // front of it is the node-local cache (NodeLocal DNSCache's `cache` block).
 // One Caddy, headless_proxy with its defaults only (a resolver must be named:
 // the suite never asks the machine's), one handler per path: /direct/ asks
-// CoreDNS, /cached/ asks the cache. A request loop per path runs throughout.
+// CoreDNS, /cached/ asks the cache, /api/ watches the EndpointSlices (`via
+// api`, as a token bound to the deploy overlay's Role). A request loop per
+// path runs throughout.
 
 const podPort = 9090
 
@@ -209,6 +211,7 @@ func TestEndpointsLeaveAbruptly(t *testing.T) {
 	}
 	live := []*backendPod{s.startBackendPod(t, vms[0]), s.startBackendPod(t, vms[1]), s.startBackendPod(t, vms[2])}
 	s.apply(t, headlessService(ns, svc, ports), slice(live...))
+	token := s.viaAPIToken(t, ns, "caddy-"+ns) // the overlay's Role, in this namespace
 
 	ref := fmt.Sprintf("%s.%s.svc.cluster.local:%d", svc, ns, podPort)
 	c := s.startCaddy(t, fmt.Sprintf(`	handle /direct/* {
@@ -221,9 +224,19 @@ func TestEndpointsLeaveAbruptly(t *testing.T) {
 			resolvers %[3]s
 		}
 	}
-`, ref, s.dnsAddr(), cache))
+	handle /api/* {
+		headless_proxy %[1]s {
+			via api {
+				endpoint %[4]s
+				ca_file %[5]s
+				token_file %[6]s
+			}
+		}
+	}
+`, ref, s.dnsAddr(), cache, s.apiURL, s.caFile, token))
 	// Both paths answer before the loops start.
-	for _, path := range []string{"/direct/", "/cached/"} {
+	paths := []string{"/direct/", "/cached/", "/api/"}
+	for _, path := range paths {
 		if err := waitFor(20*time.Second, 100*time.Millisecond, func() error {
 			r, err := s.get(s.client(), path)
 			if err == nil && r.status != http.StatusOK {
@@ -236,9 +249,9 @@ func TestEndpointsLeaveAbruptly(t *testing.T) {
 	}
 
 	stop := make(chan struct{})
-	loops := map[string]<-chan []attempt{
-		"/direct/": s.requestLoop("/direct/", stop),
-		"/cached/": s.requestLoop("/cached/", stop),
+	loops := map[string]<-chan []attempt{}
+	for _, path := range paths {
+		loops[path] = s.requestLoop(path, stop)
 	}
 	var once sync.Once
 	stopLoops := func() map[string][]attempt {
@@ -299,7 +312,7 @@ func TestEndpointsLeaveAbruptly(t *testing.T) {
 	runs := stopLoops()
 	restore()
 
-	for _, path := range []string{"/direct/", "/cached/"} {
+	for _, path := range paths {
 		var failedRollout, failedLate, slowLate, early []string
 		late := 0
 		for _, a := range runs[path] {
@@ -346,8 +359,8 @@ func TestEndpointsLeaveAbruptly(t *testing.T) {
 	if err := json.NewDecoder(resp.Body).Decode(&watchers); err != nil {
 		t.Fatal(err)
 	}
-	if len(watchers) != 2 {
-		t.Fatalf("GET /headless/: %d watchers, want 2 (one per resolver)", len(watchers))
+	if len(watchers) != 3 {
+		t.Fatalf("GET /headless/: %d watchers, want 3 (one per resolver, one via api)", len(watchers))
 	}
 	for _, w := range watchers {
 		viaCache := len(w.Resolvers) == 1 && w.Resolvers[0] == cache
