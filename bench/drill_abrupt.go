@@ -127,7 +127,7 @@ func drillAbrupt(ctx context.Context, h *harness) (*section, error) {
 	return &section{
 		intro: fmt.Sprintf("Endpoints leave the way pods and nodes leave. Every proxy runs with **its own defaults**: no "+
 			"retry, timeout or health setting is added to any of them (unlike drill 5). Ours: `headless_proxy app:%[1]s { resolvers …; %[2]s }` "+
-			"and nothing else (so its defaults `lb_retries 2`, `dial_timeout 1s` and the set-aside apply). Caddy: "+
+			"and nothing else (so its defaults `lb_retries 2`, `dial_timeout 750ms` and the set-aside apply). Caddy: "+
 			"`reverse_proxy { dynamic a app %[1]s { resolvers …; refresh 1s } }` (Caddy's defaults: no retry, no passive health, dial timeout 3 s; "+
 			"`refresh 1s` instead of its default 1 m, so it sees changes as fast as the others). HAProxy: `server-template` + `resolvers` "+
 			"(`timeout connect 5s`, `client`/`server 50s` as in Debian's haproxy.cfg, since HAProxy has none; otherwise its defaults: `retries 3` "+
@@ -154,7 +154,7 @@ func drillAbrupt(ctx context.Context, h *harness) (*section, error) {
 			"request fails, whatever its retries; in (b) a connection to the lost endpoint waits for `proxy_connect_timeout` "+
 			"(the kernel gives up its SYNs after about 2 minutes), longer than the client's 30 s, so nginx does not see a failure "+
 			"within it, `max_fails` does not set the endpoint aside, and about one request in four hangs. Ours retries a "+
-			"failed dial on another endpoint at once (a refused one) or after its 1 s dial timeout (a silent one) and sets the "+
+			"failed dial on another endpoint at once (a refused one) or after its 750 ms dial timeout (a silent one) and sets the "+
 			"endpoint aside; what it cannot save is a request already sent to the lost endpoint or on a connection pooled to it: "+
 			"it waits for an answer that never comes (no proxy here has a response timeout shorter than the client's 30 s by default)."),
 	}, nil
