@@ -152,11 +152,12 @@ type attempt struct {
 }
 
 // requestLoop sends requests to path one after the other until stop is
-// closed; each must be a 200 from a pod within the client's 10 s.
-func (s *suite) requestLoop(path string, stop <-chan struct{}) <-chan []attempt {
+// closed; each must get an answer within the client's 10 s that check
+// accepts (check says what is wrong, "" if nothing).
+func (s *suite) requestLoop(path string, check func(response) string, stop <-chan struct{}) <-chan []attempt {
 	out := make(chan []attempt, 1)
 	go func() {
-		cl := s.client() // its own: a hang here hides nothing on the other path
+		cl := s.client() // its own: a hang here hides nothing on another path
 		defer cl.CloseIdleConnections()
 		var log []attempt
 		for {
@@ -169,13 +170,10 @@ func (s *suite) requestLoop(path string, stop <-chan struct{}) <-chan []attempt 
 			a := attempt{start: time.Now()}
 			r, err := s.get(cl, path)
 			a.took = time.Since(a.start)
-			switch {
-			case err != nil:
+			if err != nil {
 				a.err = err.Error()
-			case r.status != http.StatusOK:
-				a.err = fmt.Sprintf("status %d: %.200s", r.status, r.body)
-			case !strings.HasPrefix(r.reply.VM, "pod-") || !strings.HasSuffix(r.reply.Local, fmt.Sprintf(":%d", podPort)):
-				a.err = fmt.Sprintf("answered by %q at %s, not by a pod", r.reply.VM, r.reply.Local)
+			} else {
+				a.err = check(r)
 			}
 			a.vm = r.reply.VM
 			log = append(log, a)
@@ -183,6 +181,17 @@ func (s *suite) requestLoop(path string, stop <-chan struct{}) <-chan []attempt 
 		}
 	}()
 	return out
+}
+
+// fromPod accepts a 200 from a pod of this scenario.
+func fromPod(r response) string {
+	switch {
+	case r.status != http.StatusOK:
+		return fmt.Sprintf("status %d: %.200s", r.status, r.body)
+	case !strings.HasPrefix(r.reply.VM, "pod-") || !strings.HasSuffix(r.reply.Local, fmt.Sprintf(":%d", podPort)):
+		return fmt.Sprintf("answered by %q at %s, not by a pod", r.reply.VM, r.reply.Local)
+	}
+	return ""
 }
 
 // replaceEvery is the pace of the rollout. A cached answer names the pods
@@ -251,7 +260,7 @@ func TestEndpointsLeaveAbruptly(t *testing.T) {
 	stop := make(chan struct{})
 	loops := map[string]<-chan []attempt{}
 	for _, path := range paths {
-		loops[path] = s.requestLoop(path, stop)
+		loops[path] = s.requestLoop(path, fromPod, stop)
 	}
 	var once sync.Once
 	stopLoops := func() map[string][]attempt {
