@@ -371,8 +371,9 @@ func addressPolicy(kinds, cidrs []string) (discovery.AddressPolicy, error) {
 }
 
 // GetUpstreams returns the candidates the watcher picks for this request as
-// fresh upstreams (Caddy writes into them), in one allocation for all of them:
-// a few of the endpoints, or all of them on a retry. It waits for DNS only if
+// fresh upstreams (Caddy writes into them), in two allocations whatever
+// their number (the values and the pointers): a few of the endpoints, or all
+// of them on a retry. It waits for DNS only if
 // this Service was never resolved yet.
 func (h *Headless) GetUpstreams(r *http.Request) ([]*reverseproxy.Upstream, error) {
 	if h.split != nil {
@@ -405,7 +406,7 @@ func (h *Headless) retried(r *http.Request) bool {
 	return false
 }
 
-// upstreamsOf returns fresh upstreams for eps, in one block.
+// upstreamsOf returns fresh upstreams for eps, in one block of values and one of pointers.
 func upstreamsOf(eps []discovery.Endpoint) []*reverseproxy.Upstream {
 	block := make([]reverseproxy.Upstream, len(eps))
 	ups := make([]*reverseproxy.Upstream, len(eps))

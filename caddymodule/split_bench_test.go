@@ -3,7 +3,6 @@ package caddymodule
 import (
 	"fmt"
 	"testing"
-	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 
@@ -34,22 +33,7 @@ func BenchmarkSplitPaired(b *testing.B) {
 			hs = append(hs, single, split)
 		}
 		b.Run("policy="+policy, func(b *testing.B) {
-			for _, h := range hs {
-				if code := serve(h); code != 200 {
-					b.Fatalf("warm-up: status %d", code)
-				}
-			}
-			var spent [4]time.Duration
-			i := 0
-			for b.Loop() {
-				for j := range hs {
-					k := (i + j) % len(hs)
-					t0 := time.Now()
-					serve(hs[k])
-					spent[k] += time.Since(t0)
-				}
-				i++
-			}
+			spent, i := pairedTimes(b, hs)
 			r := func(a, c int) float64 { return float64(spent[a]) / float64(spent[c]) }
 			b.ReportMetric(r(1, 0), "split/single@1")
 			b.ReportMetric(r(3, 2), "split/single@1000")

@@ -595,26 +595,9 @@ func (r *apiRun) fail(err error) {
 	if kubeapi.IsCode(err, 401) || kubeapi.IsCode(err, 403) {
 		s.Outcome = OutcomeRefused
 	}
-	consequence := ""
-	switch {
-	case s.Resolved.IsZero():
-		s.Unavailable = fmt.Errorf("service %s: %w: %v", svc, ErrNotResolved, err)
-		consequence = "no endpoints yet: requests to " + svc.String() + " will fail until the apiserver answers"
-	case len(s.Endpoints) == 0:
-		s.Unavailable = fmt.Errorf("service %s has no endpoints and the apiserver fails: %v", svc, err)
-		consequence = "no endpoints: requests to " + svc.String() + " will fail"
-	default:
-		if s.StaleSince.IsZero() {
-			s.StaleSince = now
-		}
-		consequence = fmt.Sprintf("keeping the %d endpoints seen last", len(s.Endpoints))
-		if w.cfg.Stale > 0 && now.Sub(s.StaleSince) >= w.cfg.Stale {
-			s.Endpoints, s.Expired = nil, true
-			s.Unavailable = fmt.Errorf("service %s: the apiserver has failed for %s, longer than stale %s, so its endpoints were dropped: %v",
-				svc, now.Sub(s.StaleSince).Round(time.Second), w.cfg.Stale, err)
-			consequence = "stale bound passed: endpoints dropped, requests to " + svc.String() + " will fail"
-			r.down = false // warn again for the drop
-		}
+	consequence, dropped := w.keepLastSet(s, err, now, "the apiserver")
+	if dropped {
+		r.down = false // warn again for the drop
 	}
 	w.stats.lookup(s.Outcome, 0, Result{})
 	if !r.down {

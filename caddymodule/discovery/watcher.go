@@ -601,34 +601,12 @@ func (w *Watcher) next(prev *Snapshot, res Result, err error, now time.Time, seq
 	backoff := min(250*time.Millisecond<<min(failures-1, 10), MaxErrorBackoff, w.cfg.RefreshMax)
 	s.Next = now.Add(jitter(backoff))
 	s.Outcome, s.Err, s.ErrAt = outcomeOf(err), err, now
-	var consequence string
-	switch {
-	case s.Resolved.IsZero():
-		s.Unavailable = fmt.Errorf("service %s: %w: %v", svc, ErrNotResolved, err)
-		consequence = "no endpoints yet: requests to " + svc.String() + " will fail until DNS answers"
-	case len(s.Endpoints) == 0:
-		s.Unavailable = fmt.Errorf("service %s has no endpoints and DNS fails: %v", svc, err)
-		consequence = "no endpoints: requests to " + svc.String() + " will fail"
-	default:
-		if s.StaleSince.IsZero() {
-			s.StaleSince = now
-		}
-		if w.cfg.Stale > 0 {
-			deadline := s.StaleSince.Add(w.cfg.Stale)
-			if !now.Before(deadline) {
-				s.Endpoints, s.Expired = nil, true
-				s.Unavailable = fmt.Errorf("service %s: DNS has failed for %s, longer than stale %s, so its endpoints were dropped: %v",
-					svc, now.Sub(s.StaleSince).Round(time.Second), w.cfg.Stale, err)
-				log.Warn("DNS refresh failed past the stale bound; dropping endpoints: requests to "+svc.String()+" will fail",
-					zap.String("service", svc.String()), zap.Int("dropped", len(prev.Endpoints)), zap.Error(err))
-				w.warned.failure = warnState{what: "expired", at: now}
-				return s
-			}
-			if deadline.Before(s.Next) {
-				s.Next = deadline
-			}
-		}
-		consequence = fmt.Sprintf("keeping %d endpoints from %s ago", len(s.Endpoints), now.Sub(s.Resolved).Round(time.Second))
+	consequence, dropped := w.keepLastSet(s, err, now, "DNS")
+	if dropped {
+		log.Warn("DNS refresh failed past the stale bound; dropping endpoints: requests to "+svc.String()+" will fail",
+			zap.String("service", svc.String()), zap.Int("dropped", len(prev.Endpoints)), zap.Error(err))
+		w.warned.failure = warnState{what: "expired", at: now}
+		return s
 	}
 	// Warn when failures start or change kind, then at most every 30 s.
 	if prev == nil || prev.Err == nil {
@@ -642,6 +620,40 @@ func (w *Watcher) next(prev *Snapshot, res Result, err error, now time.Time, seq
 			zap.String("service", svc.String()), zap.Int("failures", failures), zap.Error(err))
 	}
 	return s
+}
+
+// keepLastSet applies the one rule for a failed refresh, whatever the
+// source: the endpoints of the last answer are kept, within the stale bound,
+// past which they are dropped. s is the snapshot that follows (a copy of the
+// last one); source names what failed ("DNS", "the apiserver"). It says what
+// this means for requests, and whether the endpoints were just dropped; a
+// scheduled s.Next is brought forward to the bound.
+func (w *Watcher) keepLastSet(s *Snapshot, err error, now time.Time, source string) (consequence string, dropped bool) {
+	svc := w.cfg.Service
+	switch {
+	case s.Resolved.IsZero():
+		s.Unavailable = fmt.Errorf("service %s: %w: %v", svc, ErrNotResolved, err)
+		return "no endpoints yet: requests to " + svc.String() + " will fail until " + source + " answers", false
+	case len(s.Endpoints) == 0:
+		s.Unavailable = fmt.Errorf("service %s has no endpoints and %s fails: %v", svc, source, err)
+		return "no endpoints: requests to " + svc.String() + " will fail", false
+	}
+	if s.StaleSince.IsZero() {
+		s.StaleSince = now
+	}
+	if w.cfg.Stale > 0 {
+		deadline := s.StaleSince.Add(w.cfg.Stale)
+		if !now.Before(deadline) {
+			s.Endpoints, s.Expired = nil, true
+			s.Unavailable = fmt.Errorf("service %s: %s has failed for %s, longer than stale %s, so its endpoints were dropped: %v",
+				svc, source, now.Sub(s.StaleSince).Round(time.Second), w.cfg.Stale, err)
+			return "past the stale bound: endpoints dropped, requests to " + svc.String() + " will fail", true
+		}
+		if !s.Next.IsZero() && deadline.Before(s.Next) {
+			s.Next = deadline
+		}
+	}
+	return fmt.Sprintf("keeping %d endpoints from %s ago", len(s.Endpoints), now.Sub(s.Resolved).Round(time.Second)), false
 }
 
 // countsDown reports whether res repeats prev's answer (same server, same
