@@ -3,7 +3,7 @@
 //	xcaddy build --with github.com/caddy-headless/caddy-headless
 //
 // The modules live in package caddymodule; the DNS discovery core they use is in
-// caddymodule/discovery.
+// discovery.
 package caddyheadless
 
 import (

@@ -2,10 +2,7 @@ module github.com/caddy-headless/caddy-headless/bench
 
 go 1.26.8
 
-require (
-	github.com/caddy-headless/caddy-headless v0.0.0-00010101000000-000000000000
-	github.com/caddy-headless/caddy-headless/internal/proc v0.0.0-00010101000000-000000000000
-)
+require github.com/caddy-headless/caddy-headless v0.0.0-00010101000000-000000000000
 
 require (
 	github.com/miekg/dns v1.1.73 // indirect
@@ -13,7 +10,4 @@ require (
 	golang.org/x/sys v0.48.0 // indirect
 )
 
-replace (
-	github.com/caddy-headless/caddy-headless => ../
-	github.com/caddy-headless/caddy-headless/internal/proc => ../internal/proc
-)
+replace github.com/caddy-headless/caddy-headless => ../

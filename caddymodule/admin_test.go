@@ -24,9 +24,9 @@ import (
 	// The admin endpoint's /metrics route (admin.api.metrics).
 	_ "github.com/caddyserver/caddy/v2/modules/metrics"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
-	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
-	"github.com/caddy-headless/caddy-headless/caddymodule/internal/poll"
+	"github.com/caddy-headless/caddy-headless/discovery"
+	"github.com/caddy-headless/caddy-headless/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/internal/poll"
 )
 
 // The zones of these tests, as CoreDNS would serve them.

@@ -14,7 +14,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
+	"github.com/caddy-headless/caddy-headless/discovery"
 )
 
 func init() {

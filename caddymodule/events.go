@@ -4,7 +4,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
+	"github.com/caddy-headless/caddy-headless/discovery"
 )
 
 // The watchers' events become Caddy events, emitted through the events app

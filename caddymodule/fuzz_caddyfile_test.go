@@ -14,7 +14,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
+	"github.com/caddy-headless/caddy-headless/discovery"
 )
 
 // fuzzSeedsDynamic are `dynamic headless` blocks, as written after `dynamic`.

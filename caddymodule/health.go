@@ -10,7 +10,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
+	"github.com/caddy-headless/caddy-headless/discovery"
 )
 
 // HealthChecks configures active health checks of the discovered endpoints.

@@ -16,8 +16,8 @@ import (
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
-	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/discovery"
+	"github.com/caddy-headless/caddy-headless/discovery/dnstest"
 )
 
 // scrape is one reading of a metrics registry: every sample by its series,

@@ -13,8 +13,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/common/expfmt"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
-	"github.com/caddy-headless/caddy-headless/caddymodule/internal/poll"
+	"github.com/caddy-headless/caddy-headless/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/internal/poll"
 )
 
 // splitJSON is a reverse_proxy body whose one headless source holds the

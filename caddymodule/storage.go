@@ -14,7 +14,7 @@ import (
 	"github.com/caddyserver/certmagic"
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore"
+	"github.com/caddy-headless/caddy-headless/kubestore"
 )
 
 func init() {

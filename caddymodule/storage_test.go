@@ -22,8 +22,8 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddypki"
 	"go.uber.org/zap"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore"
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore/kubetest"
+	"github.com/caddy-headless/caddy-headless/kubestore"
+	"github.com/caddy-headless/caddy-headless/kubestore/kubetest"
 )
 
 // TestStorageK8sHoldsCaddysCertificates runs Caddy in-process with

@@ -8,7 +8,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
+	"github.com/caddy-headless/caddy-headless/discovery"
 )
 
 // ViaAPI is the apiserver `via api` watches. The names mean what they mean

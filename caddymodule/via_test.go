@@ -11,8 +11,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
 	dto "github.com/prometheus/client_model/go"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/discovery"
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubeapi/apitest"
+	"github.com/caddy-headless/caddy-headless/discovery"
+	"github.com/caddy-headless/caddy-headless/kubeapi/apitest"
 )
 
 // A via api source: provisioning contacts nothing; the first request waits

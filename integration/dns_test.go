@@ -10,7 +10,7 @@ import (
 
 	"github.com/miekg/dns"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/discovery/dnstest"
 )
 
 // clusterZone is what CoreDNS serves for the objects TestClusterDNSAnswers

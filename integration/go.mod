@@ -5,7 +5,6 @@ go 1.26.8
 require (
 	// dnstest (TestClusterDNSAnswers) and the storage core (the storage tests).
 	github.com/caddy-headless/caddy-headless v0.0.0-00010101000000-000000000000
-	github.com/caddy-headless/caddy-headless/internal/proc v0.0.0-00010101000000-000000000000
 	github.com/miekg/dns v1.1.73
 )
 
@@ -33,7 +32,4 @@ require (
 	google.golang.org/protobuf v1.36.12 // indirect
 )
 
-replace (
-	github.com/caddy-headless/caddy-headless => ../
-	github.com/caddy-headless/caddy-headless/internal/proc => ../internal/proc
-)
+replace github.com/caddy-headless/caddy-headless => ../

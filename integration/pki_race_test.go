@@ -21,7 +21,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore"
+	"github.com/caddy-headless/caddy-headless/kubestore"
 )
 
 // TestPKIReplicasStartTogether (issue 25): three Caddy replicas with

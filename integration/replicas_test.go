@@ -16,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore"
+	"github.com/caddy-headless/caddy-headless/kubestore"
 )
 
 // Names of TestReplicasShareCertificates. CoreDNS's hosts block points both

@@ -14,8 +14,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore"
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore/storagetest"
+	"github.com/caddy-headless/caddy-headless/kubestore"
+	"github.com/caddy-headless/caddy-headless/kubestore/storagetest"
 )
 
 // The storage tests authenticate as a service account bound to exactly the

@@ -6,7 +6,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-$root/bin/caddy}
 cd "$root"
 # xcaddy/image is the image builder, its own module: not part of Caddy.
-if [ -x "$out" ] && [ -z "$(find go.mod go.sum caddyheadless.go caddymodule xcaddy -path xcaddy/image -prune -o \
+if [ -x "$out" ] && [ -z "$(find go.mod go.sum caddyheadless.go caddymodule discovery kubeapi kubestore internal xcaddy -path xcaddy/image -prune -o \
 	-newer "$out" \( -name '*.go' -o -name 'go.*' -o -name '*.sh' \) ! -name '*_test.go' -print -quit)" ]; then
 	exit 0
 fi

@@ -12,11 +12,11 @@ cd "$(dirname "$0")/.."
 
 fuzztime=${FUZZTIME:-20s}
 targets=(
-	./caddymodule/discovery:FuzzParseService
-	./caddymodule/discovery:FuzzAnswer
+	./discovery:FuzzParseService
+	./discovery:FuzzAnswer
 	./caddymodule:FuzzUnmarshalCaddyfile
 	./caddymodule:FuzzHeadlessProxy
-	./caddymodule/kubestore:FuzzObjectName
+	./kubestore:FuzzObjectName
 )
 
 for t in "${targets[@]}"; do

@@ -9,7 +9,7 @@ import (
 	"testing"
 
 	"github.com/caddy-headless/caddy-headless/caddymodule"
-	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/discovery/dnstest"
 )
 
 // A pod that exits the moment it leaves its Service is still named by DNS

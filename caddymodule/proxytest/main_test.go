@@ -3,7 +3,7 @@ package proxytest
 import (
 	"testing"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/internal/testhome"
+	"github.com/caddy-headless/caddy-headless/internal/testhome"
 )
 
 // The tests run Caddy in this process: its autosaved config and its default

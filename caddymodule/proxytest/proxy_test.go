@@ -17,7 +17,7 @@ import (
 	"github.com/miekg/dns"
 
 	_ "github.com/caddy-headless/caddy-headless/caddymodule"
-	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/discovery/dnstest"
 	"github.com/caddy-headless/caddy-headless/internal/testcaddy"
 )
 

@@ -27,7 +27,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/discovery/dnstest"
 )
 
 func main() {

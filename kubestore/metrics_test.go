@@ -6,8 +6,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore"
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore/kubetest"
+	"github.com/caddy-headless/caddy-headless/kubestore"
+	"github.com/caddy-headless/caddy-headless/kubestore/kubetest"
 )
 
 // metric is the value of the series name{labels} on reg (a histogram's

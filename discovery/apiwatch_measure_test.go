@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubeapi/apitest"
+	"github.com/caddy-headless/caddy-headless/kubeapi/apitest"
 )
 
 // TestMeasureAPIWatchers measures per-Service watches at the scales named

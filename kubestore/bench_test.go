@@ -10,8 +10,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore"
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore/kubetest"
+	"github.com/caddy-headless/caddy-headless/kubestore"
+	"github.com/caddy-headless/caddy-headless/kubestore/kubetest"
 )
 
 // BenchmarkStorage measures Store and Load of a certificate-sized value on

@@ -9,7 +9,7 @@ import (
 // add for the Service and one map lookup and add per candidate; this is
 // that cost, beside the same request path without it.
 //
-//	go test -run '^$' -bench BenchmarkCandidatesCounting ./caddymodule/discovery/
+//	go test -run '^$' -bench BenchmarkCandidatesCounting ./discovery/
 func BenchmarkCandidatesCounting(b *testing.B) {
 	for _, n := range []int{1, 1000} {
 		w := splitWatcher(&testing.T{}, "bench", 1, n, -1)

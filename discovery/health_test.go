@@ -19,7 +19,7 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/internal/poll"
+	"github.com/caddy-headless/caddy-headless/internal/poll"
 )
 
 // backend is a real HTTP server on loopback that answers probes from a

@@ -11,7 +11,7 @@ import (
 
 	"github.com/miekg/dns"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/discovery/dnstest"
 )
 
 // bbsZone is namespace bbs as CoreDNS's kubernetes plugin serves it (ttl 5):

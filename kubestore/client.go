@@ -6,7 +6,7 @@ import (
 	"net/url"
 	"time"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubeapi"
+	"github.com/caddy-headless/caddy-headless/kubeapi"
 )
 
 // client is the storage's view of the shared apiserver client (package

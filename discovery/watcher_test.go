@@ -14,8 +14,8 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
-	"github.com/caddy-headless/caddy-headless/caddymodule/internal/poll"
+	"github.com/caddy-headless/caddy-headless/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/internal/poll"
 )
 
 func startWatcher(t *testing.T, srv *dnstest.Server, ref string, tune func(*Config)) (*Watcher, *observer.ObservedLogs) {

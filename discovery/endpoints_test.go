@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/discovery/dnstest"
 )
 
 // Which endpoints a request gets, for a snapshot and a health view: health

@@ -12,8 +12,8 @@ import (
 
 	"go.uber.org/zap/zapcore"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
-	"github.com/caddy-headless/caddy-headless/caddymodule/internal/poll"
+	"github.com/caddy-headless/caddy-headless/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/internal/poll"
 )
 
 const asideZone = `

@@ -22,8 +22,8 @@ import (
 
 	"github.com/miekg/dns"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
-	"github.com/caddy-headless/caddy-headless/caddymodule/internal/poll"
+	"github.com/caddy-headless/caddy-headless/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/internal/poll"
 )
 
 // rawServer answers DNS on UDP and TCP of one loopback port with whatever

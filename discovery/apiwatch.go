@@ -17,7 +17,7 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubeapi"
+	"github.com/caddy-headless/caddy-headless/kubeapi"
 )
 
 // `via api`: the same Service, read from the EndpointSlices the apiserver

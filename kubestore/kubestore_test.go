@@ -10,9 +10,9 @@ import (
 	"go.uber.org/zap"
 	"time"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore"
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore/kubetest"
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore/storagetest"
+	"github.com/caddy-headless/caddy-headless/kubestore"
+	"github.com/caddy-headless/caddy-headless/kubestore/kubetest"
+	"github.com/caddy-headless/caddy-headless/kubestore/storagetest"
 )
 
 // The contract, on the in-process fake apiserver; the integration suite

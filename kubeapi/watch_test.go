@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubeapi"
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubeapi/apitest"
+	"github.com/caddy-headless/caddy-headless/kubeapi"
+	"github.com/caddy-headless/caddy-headless/kubeapi/apitest"
 )
 
 var slicesRes = kubeapi.Resource{Path: "/apis/discovery.k8s.io/v1", Plural: "endpointslices"}

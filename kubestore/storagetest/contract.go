@@ -24,7 +24,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore"
+	"github.com/caddy-headless/caddy-headless/kubestore"
 	"github.com/caddyserver/certmagic"
 )
 

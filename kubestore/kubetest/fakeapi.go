@@ -21,7 +21,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore"
+	"github.com/caddy-headless/caddy-headless/kubestore"
 )
 
 // API answers the part of the Kubernetes REST API the storage uses the

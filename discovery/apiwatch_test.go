@@ -15,7 +15,7 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubeapi/apitest"
+	"github.com/caddy-headless/caddy-headless/kubeapi/apitest"
 )
 
 // apiWatcher starts a `via api` Watcher of ref against fake.

@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/discovery/dnstest"
 )
 
 // BenchmarkWatcherCost measures what one more Service costs while it runs:
@@ -15,7 +15,7 @@ import (
 // with and without health checks (TCP probes that fail at once). Run it
 // with -benchtime=1x: b.N is ignored, the number of Watchers is fixed.
 //
-//	go test ./caddymodule/discovery -run '^$' -bench WatcherCost -benchtime=1x
+//	go test ./discovery -run '^$' -bench WatcherCost -benchtime=1x
 func BenchmarkWatcherCost(b *testing.B) {
 	const n = 1000
 	var zone strings.Builder

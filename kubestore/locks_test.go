@@ -11,8 +11,8 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore"
-	"github.com/caddy-headless/caddy-headless/caddymodule/kubestore/kubetest"
+	"github.com/caddy-headless/caddy-headless/kubestore"
+	"github.com/caddy-headless/caddy-headless/kubestore/kubetest"
 )
 
 // TestLostLockIsLoggedAndNotFreed: another replica takes the Lease while we
