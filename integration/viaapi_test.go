@@ -2,6 +2,7 @@ package integration
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -84,7 +85,18 @@ func TestViaAPI(t *testing.T) {
 	ports := map[string]int{"http": port}
 	s.apply(t, headlessService(viaAPINS, svc, ports), condSlice(viaAPINS, svc, "web-1", port, ready(vms[0].v4)))
 	ref := fmt.Sprintf("%s.%s:%d", svc, viaAPINS, port)
-	c := s.startCaddy(t, fmt.Sprintf(`	handle /api/* {
+	// Behind the node-local cache, a change is seen when the cache's entry
+	// expires: up to 30 s. Its convergence is measured on cachedServices
+	// Services at once, so that 50 changes take minutes, not 25.
+	cache := s.startNodeLocalCache(t)
+	var cachedRoutes strings.Builder
+	for i := range cachedServices {
+		name := fmt.Sprintf("conv-%d", i)
+		s.apply(t, headlessService(viaAPINS, name, ports), condSlice(viaAPINS, name, name, port, ready(vms[0].v4)))
+		fmt.Fprintf(&cachedRoutes, "\thandle /cached/%[1]s/* {\n\t\theadless_proxy %[1]s.%[2]s:%[3]d {\n\t\t\tresolvers %[4]s\n\t\t}\n\t}\n",
+			name, viaAPINS, port, cache)
+	}
+	c := s.startCaddy(t, cachedRoutes.String()+fmt.Sprintf(`	handle /api/* {
 		headless_proxy %[1]s {
 			via api {
 				endpoint %[2]s
@@ -117,6 +129,8 @@ func TestViaAPI(t *testing.T) {
 		// From `kubectl apply` returning to a request answered by the new
 		// set (one endpoint, so every request after that goes there).
 		const changes = 50
+		cached := make(chan []time.Duration, 1)
+		go func() { cached <- s.convergeBehindCache(t, vms, changes, answeredBy) }()
 		var viaAPI, viaDNS []time.Duration
 		for i := range changes {
 			to := vms[(i+1)%2]
@@ -137,9 +151,14 @@ func TestViaAPI(t *testing.T) {
 			}
 			viaDNS = append(viaDNS, time.Since(applied))
 		}
-		t.Logf("convergence over %d changes: via api p50 %v p99 %v; via dns (direct CoreDNS, refresh 1s) p50 %v p99 %v",
+		viaCache := <-cached
+		t.Logf("convergence over %d changes: via api p50 %v p99 %v; via dns (direct CoreDNS ttl 30, refresh 1s) p50 %v p99 %v; via dns behind the node-local cache (%d changes) p50 %v p99 %v",
 			changes, percentile(viaAPI, .5).Round(time.Millisecond), percentile(viaAPI, .99).Round(time.Millisecond),
-			percentile(viaDNS, .5).Round(time.Millisecond), percentile(viaDNS, .99).Round(time.Millisecond))
+			percentile(viaDNS, .5).Round(time.Millisecond), percentile(viaDNS, .99).Round(time.Millisecond),
+			len(viaCache), percentile(viaCache, .5).Round(time.Millisecond), percentile(viaCache, .99).Round(time.Millisecond))
+		if len(viaCache) < changes {
+			t.Errorf("behind the cache: %d changes converged, want %d", len(viaCache), changes)
+		}
 	})
 
 	t.Run("Drain", func(t *testing.T) {
@@ -248,6 +267,48 @@ func TestViaAPI(t *testing.T) {
 			t.Errorf("%d outage warnings, want at most 1 for one outage", n)
 		}
 	})
+}
+
+// cachedServices is how many Services the cached path's convergence is
+// measured on at once.
+const cachedServices = 10
+
+// convergeBehindCache changes the slices of the conv-* Services, each
+// changes/cachedServices times at a random moment of the cache's 30 s
+// (a real change does not wait for the cache to refresh), and returns how
+// long each took to reach requests through /cached/. A change not seen
+// within 45 s (the cache's 30 s, a refresh, and slack) is an error.
+func (s *suite) convergeBehindCache(t *testing.T, vms []*vm, changes int, answeredBy func(path, want string) bool) []time.Duration {
+	var mu sync.Mutex
+	var out []time.Duration
+	var wg sync.WaitGroup
+	for i := range cachedServices {
+		wg.Go(func() {
+			name := fmt.Sprintf("conv-%d", i)
+			for k := range changes / cachedServices {
+				time.Sleep(time.Duration(rand.Int64N(int64(30 * time.Second))))
+				to := vms[(k+1)%2]
+				m := condSlice(viaAPINS, name, name, 8080, ready(to.v4))
+				if _, err := runInput([]byte(m), s.tool("kubectl"), "--kubeconfig", s.kubeconfig, "apply", "-f", "-"); err != nil {
+					t.Errorf("%s change %d: kubectl apply: %v", name, k, err) // not Fatal: this is not the test's goroutine
+					return
+				}
+				applied := time.Now()
+				for !answeredBy("/cached/"+name+"/", to.name) {
+					if time.Since(applied) > 45*time.Second {
+						t.Errorf("%s change %d: behind the cache, never reached %s", name, k, to.name)
+						return
+					}
+					time.Sleep(20 * time.Millisecond)
+				}
+				mu.Lock()
+				out = append(out, time.Since(applied))
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	return out
 }
 
 // fromVM accepts any 200 from one of the suite's VMs (on their own ports).
