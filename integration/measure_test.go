@@ -250,4 +250,3 @@ func tcpConnsOf(t *testing.T, pid int, port string) int {
 	}
 	return strings.Count(out, fmt.Sprintf("pid=%d,", pid))
 }
-
