@@ -18,7 +18,7 @@ import (
 )
 
 func init() {
-	caddy.RegisterModule(Headless{})
+	caddy.RegisterModule(new(Headless))
 }
 
 // Headless is a dynamic upstream source that sends requests to the endpoints of
@@ -181,8 +181,12 @@ type serviceUse struct {
 	sampler *discovery.Sampler
 }
 
-// CaddyModule returns the Caddy module information.
-func (Headless) CaddyModule() caddy.ModuleInfo {
+// CaddyModule returns the Caddy module information. Its receiver is a
+// pointer: Caddy's events app calls it on the event's origin (this source)
+// from a watcher's goroutine, while a config that attaches to the same
+// watcher may still be provisioning this value; a value receiver would copy,
+// and so read, every field (a data race TestFailedLoadGivesLoggingBack met).
+func (*Headless) CaddyModule() caddy.ModuleInfo {
 	return caddy.ModuleInfo{
 		ID:  "http.reverse_proxy.upstreams.headless",
 		New: func() caddy.Module { return new(Headless) },
