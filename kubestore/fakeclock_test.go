@@ -1,6 +1,7 @@
 package kubestore_test
 
 import (
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -65,7 +66,8 @@ func (c *fakeClock) armed() int {
 // back on its poll).
 func (c *fakeClock) waitArmed(t *testing.T, n int) {
 	t.Helper()
-	poll.Until(t, "timers armed on the fake clock", func() bool { return c.armed() >= n })
+	poll.Until(t, fmt.Sprintf("%d timer(s) armed on the fake clock (does the heartbeat or Lock wait on another clock?)", n),
+		func() bool { return c.armed() >= n })
 }
 
 // step advances d and waits until every timer that fired is armed again:
