@@ -37,12 +37,13 @@ type Config struct {
 	CAWriteTimeout time.Duration
 
 	// Clock measures how long a Lease went unchanged and times the waits of
-	// Lock and of the heartbeat (see Clock). Nil: the real clock.
+	// Lock, of the heartbeat and of a Load waiting for a CA pair's writer
+	// (see Clock). Nil: the real clock.
 	Clock Clock `json:"-"`
 
 	// Now is the wall clock written into objects (modified times, Lease
-	// times) for humans and for Stat. Expiry never depends on it: a test
-	// steps it to show that. Nil: Clock's Now.
+	// times) for humans and for Stat. Expiry never depends on it
+	// (TestWallClockStepsDoNotExpireLocks steps it alone). Nil: Clock's Now.
 	Now func() time.Time `json:"-"`
 }
 
