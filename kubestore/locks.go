@@ -22,12 +22,13 @@ import (
 // a process-wide table.
 //
 // Whether a holder is gone is judged the way client-go's leaderelection
-// does it: by when *this* process last saw the Lease change (its own
-// monotonic clock), never by comparing the holder's timestamps with our
-// clock. Every write carries the resourceVersion it read, so of two
-// replicas taking over the same stale Lease one gets 409 Conflict, and
-// Unlock deletes with uid and resourceVersion preconditions, so a holder
-// that lost its lock never frees the new holder's.
+// does it: by when *this* process last saw the Lease change (on its own
+// clock, Config.Clock, monotonic by default), never by comparing the
+// holder's timestamps with our clock. Every write carries the
+// resourceVersion it read, so of two replicas taking over the same stale
+// Lease one gets 409 Conflict, and Unlock deletes with uid and
+// resourceVersion preconditions, so a holder that lost its lock never frees
+// the new holder's.
 
 // heldLock is a lock this process holds.
 type heldLock struct {
@@ -56,7 +57,7 @@ var held = struct {
 // observation is when this process last saw a Lease change.
 type observation struct {
 	rv   string
-	seen time.Time // monotonic
+	seen time.Time // on the Storage's Clock (the real one is monotonic)
 }
 
 var observed = struct {
@@ -73,7 +74,7 @@ func (s *Storage) tableKey(object string) string {
 // version, or since it could last not read it (forget), whichever is later.
 func (s *Storage) unchangedFor(object string, l *lease) time.Duration {
 	k := s.tableKey(object)
-	now := time.Now()
+	now := s.cfg.Clock.Now()
 	observed.Lock()
 	defer observed.Unlock()
 	o, ok := observed.m[k]
@@ -110,13 +111,11 @@ func (s *Storage) Lock(ctx context.Context, name string) (err error) {
 				zap.String("lock", name), zap.Duration("every", s.cfg.PollInterval), zap.Error(err))
 		}
 		failing = err
-		select {
-		case <-ctx.Done():
+		if !wait(s.cfg.Clock, s.cfg.PollInterval, ctx.Done()) {
 			if failing != nil {
 				return fmt.Errorf("waiting for lock %q: %w (last attempt: %v)", name, ctx.Err(), failing)
 			}
 			return fmt.Errorf("waiting for lock %q: %w", name, ctx.Err())
-		case <-time.After(s.cfg.PollInterval):
 		}
 	}
 }
@@ -229,15 +228,10 @@ func (s *Storage) hold(name, object, id string, l *lease, stale string) {
 // lost only when someone else holds the Lease.
 func (h *heldLock) heartbeat() {
 	defer close(h.done)
-	wait := h.store.cfg.RenewInterval
-	for {
-		select {
-		case <-h.stop:
-			return
-		case <-time.After(wait):
-		}
+	next := h.store.cfg.RenewInterval
+	for wait(h.store.cfg.Clock, next, h.stop) {
 		var lost bool
-		if lost, wait = h.renewSafely(); lost {
+		if lost, next = h.renewSafely(); lost {
 			return
 		}
 	}
@@ -309,7 +303,11 @@ func (h *heldLock) lose(holder string) {
 		zap.String("holder", h.identity), zap.String("new_holder", holder))
 }
 
-// Holder is the current holder of the lock name, "" if it is free.
+// Holder is the current holder of the lock name ("<identity>/<random>",
+// one per Lock call), "" if it is free. It is exported for programs that
+// watch a fleet's locks from outside: the integration suite (a module of
+// its own, which no export_test.go reaches) asks it which replica holds a
+// lock, since a lock's Lease name is a hash that only this package computes.
 func (s *Storage) Holder(ctx context.Context, name string) (string, error) {
 	l, err := s.api.getLease(ctx, objectName(s.cfg.Prefix, "lock", name))
 	if isNotFound(err) {

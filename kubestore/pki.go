@@ -91,7 +91,7 @@ func (s *Storage) loadCACert(ctx context.Context, p caPair) ([]byte, error) {
 		return s.handOut(p, cert, key, err)
 	}
 	// Incomplete: wait for the replica that writes it, or write it ourselves.
-	deadline := time.Now().Add(s.cfg.CAWriteTimeout + s.cfg.LeaseDuration + s.cfg.PollInterval)
+	deadline := s.cfg.Clock.Now().Add(s.cfg.CAWriteTimeout + s.cfg.LeaseDuration + s.cfg.PollInterval)
 	waited := false
 	// The writer needs milliseconds: look again soon, then back off to
 	// PollInterval (a dead writer is waited for lease_duration).
@@ -119,15 +119,13 @@ func (s *Storage) loadCACert(ctx context.Context, p caPair) ([]byte, error) {
 			s.logger.Info("waiting for another replica to write the CA's keys", zap.String("certificate", p.cert), zap.String("holder", holder))
 			waited = true
 		}
-		if time.Now().After(deadline) {
+		if s.cfg.Clock.Now().After(deadline) {
 			holder, _ := s.Holder(ctx, p.lock)
 			return nil, fmt.Errorf("loading %q: the pair is incomplete and its lock %q is still held by %q after %v (lease_duration plus the write timeout): %w",
 				p.cert, p.lock, holder, s.cfg.CAWriteTimeout+s.cfg.LeaseDuration, errors.Join(lerr, context.DeadlineExceeded))
 		}
-		select {
-		case <-ctx.Done():
+		if !wait(s.cfg.Clock, poll, ctx.Done()) {
 			return nil, fmt.Errorf("loading %q: waiting for the replica that writes it: %w", p.cert, ctx.Err())
-		case <-time.After(poll):
 		}
 		poll = min(2*poll, s.cfg.PollInterval)
 		if cert, key, state, err = s.loadPair(ctx, p); err != nil || state == pairComplete {

@@ -22,6 +22,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/caddy-headless/caddy-headless/internal/poll"
 	"github.com/caddy-headless/caddy-headless/kubestore"
 	"github.com/caddy-headless/caddy-headless/kubestore/kubetest"
 )
@@ -229,8 +230,11 @@ func TestCAStartWithAllKeysPresentTouchesNoLease(t *testing.T) {
 func TestCAWriterKilledHoldingTheLock(t *testing.T) {
 	api := kubetest.New(t, "caddy")
 	core, logs := observer.New(zap.InfoLevel)
-	sts := replicas(t, api, "caddy", 2, zap.New(core))
-	dead, survivor := sts[0], sts[1]
+	dead := replicas(t, api, "caddy", 1, zap.New(core))[0]
+	clk := newFakeClock()
+	c0 := api.Config("caddy")
+	c0.Identity, c0.Clock = "replica-1", clk
+	survivor := mustNew(t, c0, zap.New(core))
 	ctx := context.Background()
 	if _, err := dead.Load(ctx, "pki/authorities/local/root.crt"); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("first Load of the root on fresh storage: %v, want does not exist", err)
@@ -246,9 +250,36 @@ func TestCAWriterKilledHoldingTheLock(t *testing.T) {
 	// The writer dies: nobody renews its Lease from here on (its heartbeat
 	// finds the Lease no longer names it and stops).
 	api.Mutate("caddy", "leases", leases[0], func(o map[string]any) { o["spec"].(map[string]any)["holderIdentity"] = "dead/1" })
-	root, err := provisionCA(ctx, survivor, "local")
+	type started struct {
+		root *x509.Certificate
+		err  error
+	}
+	done := make(chan started, 1)
+	go func() {
+		root, err := provisionCA(ctx, survivor, "local")
+		done <- started{root, err}
+	}()
+	// The survivor polls on its clock until it has watched the Lease
+	// unchanged for lease_duration.
+	var waited time.Duration
+	for api.LeaseHolder("caddy", leases[0]) == "dead/1" {
+		poll.Until(t, "the survivor on its poll timer", func() bool { return clk.armed() >= 1 || len(done) > 0 })
+		if len(done) > 0 || api.LeaseHolder("caddy", leases[0]) != "dead/1" {
+			break
+		}
+		if waited > c0.LeaseDuration+c0.PollInterval {
+			t.Fatalf("the survivor watched the dead writer's Lease unchanged for %v on its clock and did not take it over (lease_duration %v)", waited, c0.LeaseDuration)
+		}
+		clk.Advance(c0.PollInterval)
+		waited += c0.PollInterval
+	}
+	res := <-done
+	root, err := res.root, res.err
 	if err != nil {
 		t.Fatalf("the survivor failed to start: %v", err)
+	}
+	if waited < c0.LeaseDuration {
+		t.Fatalf("the survivor took the dead writer's Lease over after %v on its clock, before lease_duration (%v)", waited, c0.LeaseDuration)
 	}
 	if root.Equal(c) {
 		t.Fatal("the survivor uses the dead writer's root, whose key was never stored")
@@ -385,19 +416,46 @@ func TestCAPairWithAnotherKeyIsRegenerated(t *testing.T) {
 // TestCAWaitForALiveWriterIsBounded: the pair's lock is held by a live
 // replica that renews it and never writes (stuck). A replica loading the
 // certificate does not wait forever: it fails, naming the lock and its
-// holder, once CAWriteTimeout plus lease_duration have passed.
+// holder, once CAWriteTimeout plus lease_duration have passed on its clock,
+// not before.
 func TestCAWaitForALiveWriterIsBounded(t *testing.T) {
 	api := kubetest.New(t, "caddy")
-	sts := replicas(t, api, "caddy", 1, nil)
+	clk := newFakeClock()
 	c := api.Config("caddy")
+	c.Identity, c.Clock = "replica-0", clk
+	holder := mustNew(t, c, nil)
 	c.Identity, c.CAWriteTimeout = "waiter", 100*time.Millisecond
 	waiter := mustNew(t, c, nil)
+	bound := c.CAWriteTimeout + c.LeaseDuration
 	ctx := context.Background()
-	if err := sts[0].Lock(ctx, "pki_local_root"); err != nil {
+	if err := holder.Lock(ctx, "pki_local_root"); err != nil {
 		t.Fatal(err)
 	}
-	defer sts[0].Unlock(ctx, "pki_local_root")
-	_, err := waiter.Load(ctx, "pki/authorities/local/root.crt")
+	defer holder.Unlock(ctx, "pki_local_root")
+	clk.waitArmed(t, 1) // the heartbeat
+	done := make(chan error, 1)
+	go func() {
+		_, err := waiter.Load(ctx, "pki/authorities/local/root.crt")
+		done <- err
+	}()
+	var waited time.Duration
+	for {
+		// The heartbeat has renewed and the waiter is back on its poll
+		// timer, or the waiter has given up.
+		poll.Until(t, "the heartbeat and the waiting Load on their timers", func() bool { return clk.armed() >= 2 || len(done) > 0 })
+		if len(done) > 0 {
+			break
+		}
+		if waited > bound+c.PollInterval {
+			t.Fatalf("Load still waits for the pair after %v on its clock; want it to give up after %v", waited, bound)
+		}
+		clk.Advance(c.PollInterval)
+		waited += c.PollInterval
+	}
+	err := <-done
+	if waited < bound {
+		t.Fatalf("Load gave up waiting for the pair after %v on its clock, before CAWriteTimeout plus lease_duration (%v): %v", waited, bound, err)
+	}
 	if err == nil || errors.Is(err, fs.ErrNotExist) || !strings.Contains(err.Error(), "pki_local_root") || !strings.Contains(err.Error(), "replica-0/") {
 		t.Fatalf("Load while a live replica holds the pair's lock and never writes: %v; want an error naming the lock and replica-0", err)
 	}

@@ -36,8 +36,14 @@ type Config struct {
 	// the pair (see pki.go). Zero: 2 minutes.
 	CAWriteTimeout time.Duration
 
+	// Clock measures how long a Lease went unchanged and times the waits of
+	// Lock, of the heartbeat and of a Load waiting for a CA pair's writer
+	// (see Clock). Nil: the real clock.
+	Clock Clock `json:"-"`
+
 	// Now is the wall clock written into objects (modified times, Lease
-	// times) for humans and for Stat. Expiry never depends on it. Nil: time.Now.
+	// times) for humans and for Stat. Expiry never depends on it
+	// (TestWallClockStepsDoNotExpireLocks steps it alone). Nil: Clock's Now.
 	Now func() time.Time `json:"-"`
 }
 
@@ -78,8 +84,11 @@ func New(cfg Config, logger *zap.Logger) (*Storage, error) {
 	if cfg.RequestTimeout <= 0 || cfg.PollInterval <= 0 {
 		return nil, errors.New("request timeout and poll interval must be positive")
 	}
+	if cfg.Clock == nil {
+		cfg.Clock = realClock{}
+	}
 	if cfg.Now == nil {
-		cfg.Now = time.Now
+		cfg.Now = cfg.Clock.Now
 	}
 	if cfg.CAWriteTimeout <= 0 {
 		cfg.CAWriteTimeout = 2 * time.Minute
