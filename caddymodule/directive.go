@@ -63,37 +63,67 @@ func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, er
 	d := h.NewFromNextSegment()
 	d.Next() // the directive name
 
-	var refs []string
-	scheme := ""
+	refs, scheme, err := serviceRefs(d)
+	if err != nil {
+		return nil, err
+	}
+	opts := headlessOf(refs)
+	if err := takeSourceOptions(d, &opts); err != nil {
+		return nil, err
+	}
+	rp, err := reverseProxyOf(h, d, scheme, len(refs))
+	if err != nil {
+		return nil, err
+	}
+	if hc := opts.HealthChecks; hc != nil && scheme == "https" && hc.Mode != "tcp" && hc.TLS == nil {
+		// The upstreams speak HTTPS: so do the probes, verifying the
+		// endpoints as the transport does.
+		hc.TLS = probeTLSFrom(rp.TransportRaw)
+	}
+	rp.DynamicUpstreamsRaw = caddyconfig.JSONModuleObject(opts, "source", "headless", nil)
+	return rp, nil
+}
+
+// serviceRefs reads the arguments of the directive: the service references,
+// without their scheme, and that scheme, which all of them must share.
+func serviceRefs(d *caddyfile.Dispenser) (refs []string, scheme string, err error) {
 	for d.NextArg() {
 		ref, sch, err := splitScheme(d)
 		if err != nil {
-			return nil, err
+			return nil, "", err
 		}
 		if len(refs) > 0 && sch != scheme {
-			return nil, d.Errf("headless_proxy: all services must use the same scheme: %q after %q", schemeOf(sch), schemeOf(scheme))
+			return nil, "", d.Errf("headless_proxy: all services must use the same scheme: %q after %q", schemeOf(sch), schemeOf(scheme))
 		}
 		if _, err := discovery.ParseService(ref, discovery.Defaults{}); err != nil {
-			return nil, d.Errf("headless_proxy: %v", err)
+			return nil, "", d.Errf("headless_proxy: %v", err)
 		}
 		refs, scheme = append(refs, ref), sch
 	}
 	if len(refs) == 0 {
-		return nil, d.Errf("headless_proxy: missing service reference (e.g. frontend.bbs:8001 or backend.bbs:http)")
+		return nil, "", d.Errf("headless_proxy: missing service reference (e.g. frontend.bbs:8001 or backend.bbs:http)")
 	}
+	return refs, scheme, nil
+}
 
-	// Take the headless options out of the block, leaving reverse_proxy's.
-	// Several Services make one source that splits between them (weights).
-	var opts Headless
+// headlessOf is the headless source of refs: one Service, or several that it
+// splits the requests between (by the weights option, if given).
+func headlessOf(refs []string) Headless {
 	if len(refs) == 1 {
-		opts.Service = refs[0]
+		return Headless{Service: refs[0]}
 	}
-	if len(refs) > 1 {
-		for _, ref := range refs {
-			opts.Services = append(opts.Services, WeightedService{Service: ref})
-		}
+	var opts Headless
+	for _, ref := range refs {
+		opts.Services = append(opts.Services, WeightedService{Service: ref})
 	}
-	parser := newOptionParser(&opts)
+	return opts
+}
+
+// takeSourceOptions parses the source's options out of the block at d into
+// opts and deletes them from d, leaving reverse_proxy's subdirectives; then
+// checks opts as a whole.
+func takeSourceOptions(d *caddyfile.Dispenser, opts *Headless) error {
+	parser := newOptionParser(opts)
 	for d.NextBlock(0) {
 		// Only the first token of a line directly inside the block names an
 		// option; nested blocks (transport, handle_response, …) and their
@@ -101,54 +131,78 @@ func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, er
 		if d.Nesting() != 1 || d.Val() == "}" {
 			continue
 		}
-		switch v := d.Val(); v {
-		case "to", "dynamic":
-			return nil, d.Errf("headless_proxy: %q is not allowed here: the upstreams are the services named after headless_proxy (use reverse_proxy for other upstreams, or name more services)", v)
+		if err := takeSourceOption(d, parser); err != nil {
+			return err
 		}
-		// Take the whole option, its block included (health_headers has one),
-		// and parse it on its own.
-		opt := d.Val()
-		seg := d.NextSegment()
-		sub := caddyfile.NewDispenser(seg)
-		sub.Next()
-		if opt == "lb_policy" && len(seg) > 1 && seg[1].Text == "weighted_round_robin" {
-			return nil, sub.Errf("headless_proxy: %v", errWeightedRoundRobin)
-		}
-		known, err := parser.option(sub)
-		if err != nil {
-			return nil, err
-		}
-		if !known {
-			if strings.HasPrefix(opt, "health_") {
-				// Caddy runs its own active health checks on static upstreams
-				// only: handed to reverse_proxy, this would silently do nothing.
-				return nil, d.Errf("headless_proxy: %s: not an option of the headless source's health checks, and reverse_proxy's own never run on dynamic upstreams (see the README's health checks section)", opt)
-			}
-			continue // reverse_proxy's
-		}
-		if sub.Next() {
-			if sub.Val() == "{" {
-				return nil, sub.Errf("headless_proxy: %s takes no block", opt)
-			}
-			return nil, sub.Errf("headless_proxy: %s: unexpected argument %q", opt, sub.Val())
-		}
-		// NextSegment consumes an empty block without returning it: the
-		// cursor is then on its "}", and reverse_proxy would be handed a
-		// stray "{" and blame the option.
-		if d.Val() == "}" && seg[len(seg)-1].Text != "}" {
-			return nil, d.Errf("headless_proxy: %s takes no block (its arguments go on its line)", opt)
-		}
-		d.DeleteN(len(seg))
 	}
 	if _, err := opts.configs(caddyfileEnv); err != nil {
-		return nil, parser.errAt(d, fmt.Errorf("headless_proxy: %v", err))
+		return parser.errAt(d, fmt.Errorf("headless_proxy: %v", err))
 	}
-	probeTLS := opts.HealthChecks != nil && scheme == "https" && opts.HealthChecks.Mode != "tcp" && opts.HealthChecks.TLS == nil
+	return nil
+}
 
-	// Hand reverse_proxy the directive without the service references. If a
-	// scheme was given, it gets one placeholder upstream with that scheme, so
-	// that reverse_proxy sets up (and checks) the transport exactly as it does
-	// for `reverse_proxy https://…`; the placeholder is dropped afterwards.
+// takeSourceOption looks at the line at d: an option of the source is parsed
+// and deleted, a subdirective of reverse_proxy is left where it is, and one
+// that cannot work on the source's upstreams is an error.
+func takeSourceOption(d *caddyfile.Dispenser, parser *optionParser) error {
+	opt := d.Val()
+	if opt == "to" || opt == "dynamic" {
+		return d.Errf("headless_proxy: %q is not allowed here: the upstreams are the services named after headless_proxy (use reverse_proxy for other upstreams, or name more services)", opt)
+	}
+	// Take the whole line, its block included (health_headers has one), and
+	// parse it on its own.
+	seg := d.NextSegment()
+	sub := caddyfile.NewDispenser(seg)
+	sub.Next()
+	if opt == "lb_policy" && len(seg) > 1 && seg[1].Text == "weighted_round_robin" {
+		return sub.Errf("headless_proxy: %v", errWeightedRoundRobin)
+	}
+	known, err := parser.option(sub)
+	if err != nil {
+		return err
+	}
+	if !known {
+		if strings.HasPrefix(opt, "health_") {
+			// Caddy runs its own active health checks on static upstreams
+			// only: handed to reverse_proxy, this would silently do nothing.
+			return d.Errf("headless_proxy: %s: not an option of the headless source's health checks, and reverse_proxy's own never run on dynamic upstreams (see the README's health checks section)", opt)
+		}
+		return nil // reverse_proxy's
+	}
+	if err := leftOver(d, sub, seg); err != nil {
+		return err
+	}
+	d.DeleteN(len(seg))
+	return nil
+}
+
+// leftOver reports what the option parsed from sub left of its segment seg:
+// an argument, or a block it does not take. d is at the segment's end.
+func leftOver(d, sub *caddyfile.Dispenser, seg caddyfile.Segment) error {
+	opt := seg[0].Text
+	if sub.Next() {
+		if sub.Val() == "{" {
+			return sub.Errf("headless_proxy: %s takes no block", opt)
+		}
+		return sub.Errf("headless_proxy: %s: unexpected argument %q", opt, sub.Val())
+	}
+	// NextSegment consumes an empty block without returning it: the cursor
+	// is then on its "}", and reverse_proxy would be handed a stray "{" and
+	// blame the option.
+	if d.Val() == "}" && seg[len(seg)-1].Text != "}" {
+		return d.Errf("headless_proxy: %s takes no block (its arguments go on its line)", opt)
+	}
+	return nil
+}
+
+// reverseProxyOf parses the directive at d, its source options taken out,
+// as reverse_proxy: the handler has no upstreams and the departure defaults.
+//
+// reverse_proxy is handed the directive without the service references. If
+// a scheme was given, it gets one placeholder upstream with that scheme, so
+// that it sets up (and checks) the transport exactly as it does for
+// `reverse_proxy https://…`; the placeholder is dropped afterwards.
+func reverseProxyOf(h httpcaddyfile.Helper, d *caddyfile.Dispenser, scheme string, nrefs int) (*reverseproxy.Handler, error) {
 	d.Reset()
 	d.Next()
 	seg := d.NextSegment()
@@ -158,7 +212,7 @@ func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, er
 		placeholder.Text = scheme + "://headless"
 		toks = append(toks, placeholder)
 	}
-	toks = append(toks, seg[1+len(refs):]...)
+	toks = append(toks, seg[1+nrefs:]...)
 
 	rp := new(reverseproxy.Handler)
 	if err := rp.UnmarshalCaddyfile(caddyfile.NewDispenser(toks)); err != nil {
@@ -171,13 +225,6 @@ func parseHeadlessProxy(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, er
 	if err := departureDefaults(rp, toks); err != nil {
 		return nil, d.Errf("headless_proxy: %v", err)
 	}
-	if probeTLS {
-		// The upstreams speak HTTPS: so do the probes, verifying the
-		// endpoints as the transport does.
-		opts.HealthChecks.TLS = probeTLSFrom(rp.TransportRaw)
-	}
-
-	rp.DynamicUpstreamsRaw = caddyconfig.JSONModuleObject(opts, "source", "headless", nil)
 	return rp, nil
 }
 
