@@ -165,7 +165,7 @@ func takeSourceOption(d *caddyfile.Dispenser, parser *optionParser) error {
 		if strings.HasPrefix(opt, "health_") {
 			// Caddy runs its own active health checks on static upstreams
 			// only: handed to reverse_proxy, this would silently do nothing.
-			return d.Errf("headless_proxy: %s: not an option of the headless source's health checks, and reverse_proxy's own never run on dynamic upstreams (see the README's health checks section)", opt)
+			return sub.Errf("headless_proxy: %s: not an option of the headless source's health checks, and reverse_proxy's own never run on dynamic upstreams (see the README's health checks section)", opt)
 		}
 		return nil // reverse_proxy's
 	}
@@ -256,6 +256,7 @@ func departureDefaults(rp *reverseproxy.Handler, toks []caddyfile.Token) error {
 	for d.NextBlock(0) {
 		if d.Nesting() == 1 {
 			set[d.Val()] = true
+			d.RemainingArgs() // its arguments are values, not options: `header_up X-A lb_retries`
 		}
 	}
 	if !set["lb_retries"] && !set["lb_try_duration"] {
