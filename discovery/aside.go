@@ -94,9 +94,9 @@ func (a *aside) add(dial string) {
 	}
 	ctx, cancel := context.WithCancel(a.ctx)
 	a.probes[dial] = cancel
-	a.rebuildLocked()
 	a.logger.Load().Info("endpoint set aside: a connection to it failed; it gets no requests until one succeeds or it leaves DNS",
 		zap.String("service", a.svc.String()), zap.String("endpoint", dial))
+	a.rebuildLocked()
 	a.wg.Add(1)
 	go a.probe(ctx, dial)
 }
@@ -143,10 +143,12 @@ func (a *aside) remove(dial, msg string) {
 	}
 	cancel()
 	delete(a.probes, dial)
-	a.rebuildLocked()
+	// Logged before the view changes, so that whoever sees the endpoint
+	// back can also find the line.
 	if msg != "" {
 		a.logger.Load().Info(msg, zap.String("service", a.svc.String()), zap.String("endpoint", dial))
 	}
+	a.rebuildLocked()
 }
 
 // update follows a new Snapshot: endpoints that left DNS are forgotten (their
