@@ -335,17 +335,6 @@ func (p *Prober) Endpoints() []EndpointHealth {
 	return out
 }
 
-// Health returns the state of the endpoint dialed at dial, and whether it is known.
-func (p *Prober) Health(dial string) (EndpointHealth, bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	st, ok := p.states[dial]
-	if !ok {
-		return EndpointHealth{}, false
-	}
-	return st.EndpointHealth, true
-}
-
 // update follows a new snapshot: endpoints that appeared are probed at once,
 // those that left DNS are forgotten (a reused IP starts fresh).
 func (p *Prober) update(s *Snapshot) {

@@ -19,6 +19,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-headless/caddy-headless/discovery/dnstest"
 	"github.com/caddy-headless/caddy-headless/internal/poll"
 )
 
@@ -332,6 +333,30 @@ func TestHealthStateDroppedWhenEndpointLeaves(t *testing.T) {
 	// Probed at once although the interval is an hour.
 	if ev := p.next(t, b.addr); ev.State != Unhealthy {
 		t.Fatalf("first probe of the returning endpoint: %s", ev.State)
+	}
+}
+
+// The Watcher hands its Prober every Snapshot: what DNS names is probed, and
+// an endpoint that leaves DNS is forgotten with its state.
+func TestWatcherForgetsWhatLeavesDNS(t *testing.T) {
+	b := newBackend(t, func(int) int { return 200 })
+	e := b.endpoint()
+	srv := dnstest.Start(t, "app.bbs.svc.cluster.local. 5 IN A "+e.IP.String())
+	w, _ := startWatcher(t, srv, fmt.Sprintf("app:%d", e.Port), func(c *Config) {
+		c.IPv6 = false
+		c.Addresses = AddressPolicy{Loopback: true} // the backend listens there
+		c.Health = &HealthCheck{Interval: time.Hour, Timeout: 2 * time.Second}
+	})
+	poll.Until(t, "the endpoint probed healthy", func() bool {
+		h, ok := w.prober.Health(b.addr)
+		return ok && h.State == Healthy
+	})
+	srv.MustSet(t, "other.bbs.svc.cluster.local. 5 IN A 10.0.0.1")
+	if s := refreshNow(t, w); len(s.Endpoints) != 0 {
+		t.Fatalf("endpoints [%s] after the Service left DNS", dials(s.Endpoints))
+	}
+	if h, ok := w.prober.Health(b.addr); ok {
+		t.Fatalf("state %+v kept for an endpoint that left DNS", h)
 	}
 }
 

@@ -245,9 +245,6 @@ func New(cfg Config, logger *zap.Logger) *Watcher {
 // Config returns the configuration the Watcher runs with, defaults filled in.
 func (w *Watcher) Config() Config { return w.cfg }
 
-// Prober returns the health checks of the endpoints; nil if not configured.
-func (w *Watcher) Prober() *Prober { return w.prober }
-
 // AttachLogger makes the Watcher log through l until detach is called. Of
 // the attached loggers the newest is used: a shared Watcher logs through the
 // newest configuration that uses it and, once that configuration is dropped
