@@ -166,7 +166,7 @@ func (r *probeRun) until(t *testing.T, dial string, ok func(CheckEvent) bool) Ch
 func eligible(v *HealthView) string {
 	var s []string
 	for _, e := range v.Eligible {
-		s = append(s, e.Dial)
+		s = append(s, e.Endpoint.Dial)
 	}
 	return strings.Join(s, " ")
 }
@@ -504,7 +504,7 @@ func TestHealthSlowStartRamp(t *testing.T) {
 	p.discover(first.endpoint(), steady.endpoint())
 	p.until(t, first.addr, func(ev CheckEvent) bool { return ev.State == Healthy })
 	p.until(t, steady.addr, func(ev CheckEvent) bool { return ev.State == Healthy })
-	if v := p.View(); v.Ramp != nil || v.Share(0, time.Now()) != 1 {
+	if v := p.View(); v.ramping() || len(v.Eligible) != 2 || v.Share(v.Eligible[0], time.Now()) != 1 || v.Share(v.Eligible[1], time.Now()) != 1 {
 		t.Fatalf("endpoints healthy at start ramp: %+v", v)
 	}
 
@@ -516,26 +516,26 @@ func TestHealthSlowStartRamp(t *testing.T) {
 	p.until(t, first.addr, func(ev CheckEvent) bool { return ev.State == Healthy })
 
 	v := p.View()
-	if len(v.Eligible) != 3 || len(v.Ramp) != 3 || v.SlowStart != time.Hour {
+	if len(v.Eligible) != 3 || !v.ramping() || v.SlowStart != time.Hour {
 		t.Fatalf("view: %+v", v)
 	}
-	for i, e := range v.Eligible {
-		h, _ := p.Health(e.Dial)
-		ramping := e.Dial != steady.addr
-		if !v.Ramp[i].Equal(h.RampFrom) || v.Ramp[i].IsZero() == ramping {
-			t.Errorf("%s: ramp from %v (ramping %t)", e.Dial, v.Ramp[i], ramping)
+	for _, e := range v.Eligible {
+		h, _ := p.Health(e.Endpoint.Dial)
+		ramping := e.Endpoint.Dial != steady.addr
+		if !e.RampFrom.Equal(h.RampFrom) || e.RampFrom.IsZero() == ramping {
+			t.Errorf("%s: ramp from %v (ramping %t)", e.Endpoint.Dial, e.RampFrom, ramping)
 		}
 		if !ramping {
 			continue
 		}
-		if got := v.Share(i, h.RampFrom); got != minRampShare {
-			t.Errorf("%s: share at the start of the ramp %v, want %v", e.Dial, got, minRampShare)
+		if got := v.Share(e, h.RampFrom); got != minRampShare {
+			t.Errorf("%s: share at the start of the ramp %v, want %v", e.Endpoint.Dial, got, minRampShare)
 		}
-		if got := v.Share(i, h.RampFrom.Add(30*time.Minute)); got != 0.5 {
-			t.Errorf("%s: share halfway %v, want 0.5", e.Dial, got)
+		if got := v.Share(e, h.RampFrom.Add(30*time.Minute)); got != 0.5 {
+			t.Errorf("%s: share halfway %v, want 0.5", e.Endpoint.Dial, got)
 		}
-		if got := v.Share(i, h.RampFrom.Add(2*time.Hour)); got != 1 {
-			t.Errorf("%s: share after the ramp %v", e.Dial, got)
+		if got := v.Share(e, h.RampFrom.Add(2*time.Hour)); got != 1 {
+			t.Errorf("%s: share after the ramp %v", e.Endpoint.Dial, got)
 		}
 		if !v.RampUntil.After(h.RampFrom) {
 			t.Errorf("ramp until %v", v.RampUntil)
