@@ -335,17 +335,24 @@ func statusOf(w *discovery.Watcher, users int) WatcherStatus {
 	if h := st.Health; h != nil {
 		out.HealthChecks = &HealthStatus{Healthy: h.Eligible, Panic: h.Panic}
 	}
-	for i, e := range s.Endpoints {
+	endpoint := func(e discovery.Endpoint) EndpointStatus {
 		es := EndpointStatus{Address: e.Dial, IP: e.IP.String(), Port: e.Port, Target: e.Target, Requests: tr.ByEndpoint[e.Dial]}
 		_, es.SetAside = slices.BinarySearch(st.SetAside, e.Dial)
-		if st.Health != nil {
-			h := st.Health.Endpoints[i]
+		return es
+	}
+	if st.Health == nil {
+		for _, e := range s.Endpoints {
+			out.Endpoints = append(out.Endpoints, endpoint(e))
+		}
+	} else {
+		for _, h := range st.Health.Endpoints { // the Snapshot's endpoints, with their health
+			es := endpoint(h.Endpoint)
 			es.Health, es.LastCheck = h.State.String(), h.LastCheck
 			if h.LastError != nil {
 				es.LastError = h.LastError.Error()
 			}
+			out.Endpoints = append(out.Endpoints, es)
 		}
-		out.Endpoints = append(out.Endpoints, es)
 	}
 	out.Outcome = string(s.Outcome)
 	out.Server = s.Server

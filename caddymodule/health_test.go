@@ -68,6 +68,19 @@ func healthSource(srv *dnstest.Server, hc HealthChecks) *Headless {
 		AllowAddresses: []string{"loopback"}}
 }
 
+// healthOf is what the probes say of the endpoint dialed at dial, as the
+// watcher's Status tells it: false while its Snapshot does not name it.
+func healthOf(w *discovery.Watcher, dial string) (discovery.EndpointHealth, bool) {
+	if h := w.Status().Health; h != nil {
+		for _, e := range h.Endpoints {
+			if e.Endpoint.Dial == dial {
+				return e, true
+			}
+		}
+	}
+	return discovery.EndpointHealth{}, false
+}
+
 func upstreamsAre(t *testing.T, h *Headless, want string) func() bool {
 	return func() bool {
 		ups, err := getUpstreams(t, h)
@@ -101,7 +114,7 @@ func TestHealthGetUpstreams(t *testing.T) {
 
 			poll.Until(t, "only the good backend", upstreamsAre(t, h, good.dial))
 			poll.Until(t, "the bad backend probed", func() bool {
-				st, ok := h.watcher.Prober().Health(bad.dial)
+				st, ok := healthOf(h.watcher, bad.dial)
 				return ok && st.State == discovery.Unhealthy
 			})
 			st := statusOf(h.watcher, 1)
@@ -118,7 +131,7 @@ func TestHealthGetUpstreams(t *testing.T) {
 			}
 
 			good.status.Store(503)
-			poll.Until(t, "panic", func() bool { return h.watcher.Prober().View().Panic })
+			poll.Until(t, "panic", func() bool { return h.watcher.Status().Health.Panic })
 			ups, err := getUpstreams(t, h)
 			switch {
 			case failFast && (err == nil || !errors.Is(err, discovery.ErrNoneHealthy) || !strings.Contains(err.Error(), "app.bbs")):
@@ -138,7 +151,8 @@ func TestHealthGetUpstreams(t *testing.T) {
 
 // Health state lives with the shared watcher: a reload (a new source with the
 // same checks) finds the endpoints already checked; other checks get their
-// own watcher; an endpoint that leaves DNS is forgotten.
+// own watcher; an endpoint that leaves DNS gets no more requests (that the
+// watcher forgets its state is discovery's TestWatcherForgetsWhatLeavesDNS).
 func TestHealthSharedAcrossReload(t *testing.T) {
 	good, bad := newHealthBackend(t), newHealthBackend(t)
 	bad.status.Store(500)
@@ -170,20 +184,17 @@ func TestHealthSharedAcrossReload(t *testing.T) {
 	plain := &Headless{Service: "app.bbs:http", Resolvers: []string{srv.Addr}, Versions: ipv4Only(), AllowAddresses: []string{"loopback"}}
 	provision(t, plain)
 	t.Cleanup(func() { plain.Cleanup() })
-	if plain.watcher.Prober() != nil {
+	if plain.watcher.Status().Health != nil {
 		t.Fatal("a source without health checks got a prober")
 	}
 	if ups, err := getUpstreams(t, plain); err != nil || dialsOf(ups) != sortedDials(good, bad) {
 		t.Fatalf("without health checks: [%s], %v; want both", dialsOf(ups), err)
 	}
 
-	// The bad endpoint leaves DNS: its state goes with it.
+	// The bad endpoint leaves DNS.
 	srv.MustSet(t, srvZone(t, good))
 	if _, err := reloaded.watcher.RefreshNow(context.Background()); err != nil {
 		t.Fatal(err)
-	}
-	if _, ok := reloaded.watcher.Prober().Health(bad.dial); ok {
-		t.Fatal("health state kept for an endpoint that left DNS")
 	}
 	if ups, err := getUpstreams(t, reloaded); err != nil || dialsOf(ups) != good.dial {
 		t.Fatalf("after the bad one left: [%s], %v", dialsOf(ups), err)

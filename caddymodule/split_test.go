@@ -368,7 +368,7 @@ func TestSplitUnhealthyServiceGivesShare(t *testing.T) {
 		return vm, pods
 	}
 	poll.Until(t, "the pods' endpoint found unhealthy", func() bool {
-		st, ok := src.uses[1].watcher.Prober().Health(podB.dial)
+		st, ok := healthOf(src.uses[1].watcher, podB.dial)
 		return ok && st.State.String() == "unhealthy"
 	})
 	if vm, pods := side(); vm != 200 || pods != 0 {

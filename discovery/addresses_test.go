@@ -149,7 +149,7 @@ func TestWatcherWarningsRateLimited(t *testing.T) {
 	var prev *Snapshot
 	// 60 s of lookups, one per 100 ms, each exceeding a bound.
 	for i := range 600 {
-		prev = w.next(prev, good, nil, start.Add(time.Duration(i)*100*time.Millisecond), uint64(i+1), 0)
+		prev = w.applyLookup(prev, good, nil, start.Add(time.Duration(i)*100*time.Millisecond), uint64(i+1), 0)
 	}
 	if n := taken("exceeded a bound"); n != 2 {
 		t.Errorf("%d bound warnings over 60 s of identical answers, want 2 (at 0 s and 30 s)", n)
@@ -159,22 +159,29 @@ func TestWatcherWarningsRateLimited(t *testing.T) {
 	for i := range 600 {
 		err := &LookupError{Name: svc.FQDN, Type: dns.TypeA, Server: "10.96.0.10:53", Outcome: OutcomeTimeout,
 			Err: fmt.Errorf("read udp 127.0.0.1:%d->10.96.0.10:53: i/o timeout", 30000+i)}
-		prev = w.next(prev, Result{}, err, start.Add(time.Duration(i)*100*time.Millisecond), uint64(1000+i), i+1)
+		prev = w.applyLookup(prev, Result{}, err, start.Add(time.Duration(i)*100*time.Millisecond), uint64(1000+i), i+1)
 	}
 	if n := taken("DNS refresh failed"); n != 2 {
 		t.Errorf("%d failure warnings over 60 s of one outage, want 2 (at 0 s and 30 s)", n)
 	}
 	// Another kind of failure is news, and warned about at once.
 	err := &LookupError{Name: svc.FQDN, Type: dns.TypeA, Server: "10.96.0.10:53", Outcome: OutcomeServFail, Err: errors.New("SERVFAIL")}
-	prev = w.next(prev, Result{}, err, start.Add(61*time.Second), 5000, 601)
+	prev = w.applyLookup(prev, Result{}, err, start.Add(61*time.Second), 5000, 601)
 	if n := taken("DNS refresh failed"); n != 1 {
 		t.Errorf("%d warnings for a new kind of failure, want 1", n)
 	}
 	// The same failure from another server is news too: the failover moved on.
 	err = &LookupError{Name: svc.FQDN, Type: dns.TypeA, Server: "10.96.0.11:53", Outcome: OutcomeServFail, Err: errors.New("SERVFAIL")}
-	w.next(prev, Result{}, err, start.Add(62*time.Second), 5001, 602)
+	prev = w.applyLookup(prev, Result{}, err, start.Add(62*time.Second), 5001, 602)
 	if n := taken("DNS refresh failed"); n != 1 {
 		t.Errorf("%d warnings for the same failure from another server, want 1", n)
+	}
+	// An answer ends the outage: the same failure after it starts a new one,
+	// warned about at once.
+	prev = w.applyLookup(prev, good, nil, start.Add(63*time.Second), 5002, 0)
+	w.applyLookup(prev, Result{}, err, start.Add(64*time.Second), 5003, 1)
+	if n := taken("DNS refresh failed"); n != 1 {
+		t.Errorf("%d warnings for a failure after a recovery, want 1", n)
 	}
 }
 

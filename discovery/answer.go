@@ -102,20 +102,21 @@ func (r *Resolver) lookup(ctx context.Context, svc Service, v4, v6 bool, policy 
 	res := Result{Outcome: OutcomeNXDomain}
 	var eps []Endpoint
 	if !svc.SRV() {
-		for _, t := range types {
-			reply, err := r.Exchange(ctx, svc.FQDN, t)
-			res.account(reply, err)
-			if err != nil {
-				// One family failing (a server that REFUSEs AAAA, drops it or
-				// answers it slowly) must not throw away the other's answer.
-				if len(types) == 1 || res.Partial != nil || ctx.Err() != nil {
-					return res, err
-				}
-				res.Partial = err
-				continue
+		// One family failing (a server that REFUSEs AAAA, drops it or answers
+		// it slowly) must not throw away the other's answer.
+		partial := func(err error) bool {
+			if len(types) == 1 || res.Partial != nil || ctx.Err() != nil {
+				return false
 			}
-			got, _ := endpointsFromReply(reply.Msg, svc, t, types, &res)
+			res.Partial = err
+			return true
+		}
+		err := r.askFamilies(ctx, svc.FQDN, types, &res, partial, func(t uint16, m *dns.Msg) {
+			got, _ := endpointsFromReply(m, svc, t, types, &res)
 			eps = append(eps, got...)
+		})
+		if err != nil {
+			return res, err
 		}
 		if res.Partial != nil && len(eps) == 0 {
 			// The family that answered has nothing: that is no answer while
@@ -176,17 +177,15 @@ func (r *Resolver) lookupSRV(ctx context.Context, svc Service, types []uint16, r
 	// Service name's A/AAAA records are exactly their addresses.
 	if len(bare) > MaxTargetLookups {
 		if port, ok := endpointNamesOnOnePort(bare, svc.FQDN); ok {
-			for _, t := range types {
-				reply, err := r.Exchange(ctx, svc.FQDN, t)
-				res.account(reply, err)
-				if err != nil {
-					return nil, fmt.Errorf("addresses of %s for SRV targets without glue: %w", strings.TrimSuffix(svc.FQDN, "."), err)
-				}
-				ips, tttl, _ := addresses(reply.Msg, svc.FQDN, t, &res.Dropped)
+			err := r.askFamilies(ctx, svc.FQDN, types, res, nil, func(t uint16, m *dns.Msg) {
+				ips, tttl, _ := addresses(m, svc.FQDN, t, &res.Dropped)
 				res.TTL = minTTL(res.TTL, tttl)
 				for _, ip := range ips {
 					eps = append(eps, Endpoint{IP: ip, Port: port})
 				}
+			})
+			if err != nil {
+				return nil, fmt.Errorf("addresses of %s for SRV targets without glue: %w", strings.TrimSuffix(svc.FQDN, "."), err)
 			}
 			return eps, nil
 		}
@@ -195,22 +194,41 @@ func (r *Resolver) lookupSRV(ctx context.Context, svc Service, types []uint16, r
 	}
 	for _, srv := range bare {
 		target := strings.ToLower(srv.Target)
-		for _, t := range types {
-			reply, err := r.Exchange(ctx, target, t)
-			res.account(reply, err)
-			if err != nil {
-				return nil, fmt.Errorf("SRV target %s of %s: %w", strings.TrimSuffix(target, "."), strings.TrimSuffix(qname, "."), err)
-			}
-			ips, tttl, _ := addresses(reply.Msg, target, t, &res.Dropped)
+		err := r.askFamilies(ctx, target, types, res, nil, func(t uint16, m *dns.Msg) {
+			ips, tttl, _ := addresses(m, target, t, &res.Dropped)
 			if len(ips) > 0 {
 				res.TTL = minTTL(res.TTL, tttl)
 			}
 			for _, ip := range capCandidates(ips, len(eps), res) {
 				eps = append(eps, Endpoint{IP: ip, Port: srv.Port, Target: target})
 			}
+		})
+		if err != nil {
+			return nil, fmt.Errorf("SRV target %s of %s: %w", strings.TrimSuffix(target, "."), strings.TrimSuffix(qname, "."), err)
 		}
 	}
 	return eps, nil
+}
+
+// askFamilies asks name's question of each of types (A, AAAA) in turn,
+// counting each in res, and hands every answer to take. A failed question
+// ends the loop with its error unless tolerate (nil: none) takes it and says
+// to go on with the next family. Lookup, the names fallback and each SRV
+// target without glue all ask this way; what they take differs.
+func (r *Resolver) askFamilies(ctx context.Context, name string, types []uint16, res *Result,
+	tolerate func(error) bool, take func(qtype uint16, m *dns.Msg)) error {
+	for _, t := range types {
+		reply, err := r.Exchange(ctx, name, t)
+		res.account(reply, err)
+		if err != nil {
+			if tolerate != nil && tolerate(err) {
+				continue
+			}
+			return err
+		}
+		take(t, reply.Msg)
+	}
+	return nil
 }
 
 // endpointNamesOnOnePort reports whether every SRV record points at a direct

@@ -31,7 +31,7 @@ func (w *Watcher) Endpoints(ctx context.Context) ([]Endpoint, error) {
 	if w.prober != nil {
 		// Loaded after the snapshot: publish updates the view first, so v
 		// is at least as new as s.
-		if v = w.prober.View(); v.Ramp != nil {
+		if v = w.prober.View(); v.ramping() {
 			now = time.Now()
 		}
 	}
@@ -48,12 +48,12 @@ func selectEndpoints(s *Snapshot, v *HealthView, now time.Time, coin func() floa
 	if v == nil {
 		return s.Endpoints, nil
 	}
-	eps, ramp := v.Eligible, v.Ramp
+	eps, ramping := v.endpoints, v.ramping()
 	if v.Seq != s.Seq {
 		// The view belongs to another DNS answer: take the endpoints of this
 		// one that the view finds eligible, so none that left DNS is handed
-		// out. (No slow start for this moment: Ramp is indexed by Eligible.)
-		eps, ramp = nil, nil
+		// out. (No slow start for the moment until the view catches up.)
+		eps, ramping = nil, false
 		for _, e := range s.Endpoints {
 			if v.IsEligible(e.Dial) {
 				eps = append(eps, e)
@@ -66,25 +66,25 @@ func selectEndpoints(s *Snapshot, v *HealthView, now time.Time, coin func() floa
 			s.Service, len(s.Endpoints), ErrNoneHealthy)
 	case len(eps) == 0:
 		return s.Endpoints, nil // fail open
-	case ramp == nil || len(eps) == 1 || !now.Before(v.RampUntil):
+	case !ramping || len(eps) == 1 || !now.Before(v.RampUntil):
 		return eps, nil
 	}
-	return thin(eps, v, now, coin), nil
+	return thin(v, now, coin), nil
 }
 
-// thin leaves each ramping endpoint out with the probability 1 - its share,
-// which makes it that much less likely to be picked by random, round robin
-// or least_conn; at least one endpoint is kept.
-func thin(eps []Endpoint, v *HealthView, now time.Time, coin func() float64) []Endpoint {
-	out := make([]Endpoint, 0, len(eps))
-	for i, e := range eps {
-		if share := v.Share(i, now); share < 1 && coin() >= share {
+// thin leaves each ramping endpoint of v out with the probability 1 - its
+// share, which makes it that much less likely to be picked by random, round
+// robin or least_conn; at least one endpoint is kept.
+func thin(v *HealthView, now time.Time, coin func() float64) []Endpoint {
+	out := make([]Endpoint, 0, len(v.Eligible))
+	for _, e := range v.Eligible {
+		if share := v.Share(e, now); share < 1 && coin() >= share {
 			continue
 		}
-		out = append(out, e)
+		out = append(out, e.Endpoint)
 	}
 	if len(out) == 0 {
-		return eps
+		return v.endpoints
 	}
 	return out
 }

@@ -3,11 +3,13 @@ package discovery
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddy-headless/caddy-headless/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/internal/poll"
 )
 
 // Which endpoints a request gets, for a snapshot and a health view: health
@@ -20,26 +22,29 @@ func TestSelectEndpoints(t *testing.T) {
 		return &Snapshot{Service: Service{FQDN: "app.bbs.svc.cluster.local.", Port: 80}, Seq: seq, Endpoints: eps,
 			Unavailable: errors.New("service app.bbs.svc.cluster.local:80 has no ready endpoints")}
 	}
-	view := func(seq uint64, eligible ...Endpoint) *HealthView {
-		v := &HealthView{Seq: seq, Eligible: eligible, eligible: map[string]bool{}}
+	// ramping(e, from) is e ramping up from from over an hour.
+	type ramping struct {
+		e    Endpoint
+		from time.Time
+	}
+	// view(seq, eligible...) is the view of snapshot seq in which the
+	// endpoints given (each an Endpoint, or ramping) are eligible.
+	view := func(seq uint64, eligible ...any) *HealthView {
+		v := &HealthView{Seq: seq, SlowStart: time.Hour, eligible: map[string]bool{}}
 		for _, e := range eligible {
-			v.eligible[e.Dial] = true
+			switch e := e.(type) {
+			case Endpoint:
+				v.add(e, time.Time{})
+			case ramping:
+				v.add(e.e, e.from)
+			}
 		}
 		return v
 	}
 	failFast := view(1)
 	failFast.FailFast = true
 	half := now.Add(-30 * time.Minute) // halfway through a 1h ramp: share 0.5
-	ramp := func(v *HealthView, from ...time.Time) *HealthView {
-		v.Ramp, v.SlowStart = from, time.Hour
-		for _, f := range from {
-			if !f.IsZero() && f.Add(time.Hour).After(v.RampUntil) {
-				v.RampUntil = f.Add(time.Hour)
-			}
-		}
-		return v
-	}
-	rampOver := ramp(view(1, a, b, c), time.Time{}, half, time.Time{})
+	rampOver := view(1, a, ramping{b, half}, c)
 	rampOver.RampUntil = now.Add(-time.Second)
 	cases := []struct {
 		name string
@@ -58,14 +63,16 @@ func TestSelectEndpoints(t *testing.T) {
 		// since dropped it, so it must not be handed out.
 		{"left DNS since the view", snap(2, b, c), view(1, a, b), 0, "10.0.0.2:80", nil},
 		{"view newer than the snapshot", snap(1, a, b), view(2, b, c), 0, "10.0.0.2:80", nil},
-		{"ramp: coin under the share", snap(1, a, b, c), ramp(view(1, a, b, c), time.Time{}, half, time.Time{}), 0.4,
+		{"ramp: coin under the share", snap(1, a, b, c), view(1, a, ramping{b, half}, c), 0.4,
 			"10.0.0.1:80 10.0.0.2:80 10.0.0.3:80", nil},
-		{"ramp: coin over the share", snap(1, a, b, c), ramp(view(1, a, b, c), time.Time{}, half, time.Time{}), 0.6,
+		{"ramp: coin over the share", snap(1, a, b, c), view(1, a, ramping{b, half}, c), 0.6,
 			"10.0.0.1:80 10.0.0.3:80", nil},
+		{"ramp: the share is the ramping one's", snap(1, a, b, c), view(1, ramping{a, half}, b, ramping{c, now.Add(-54 * time.Minute)}), 0.6,
+			"10.0.0.2:80 10.0.0.3:80", nil},
 		{"ramp over", snap(1, a, b, c), rampOver, 0.99, "10.0.0.1:80 10.0.0.2:80 10.0.0.3:80", nil},
-		{"ramp: only one eligible", snap(1, a, b, c), ramp(view(1, b), half), 0.99, "10.0.0.2:80", nil},
-		{"ramp: all ramping, none drawn", snap(1, b, c), ramp(view(1, b, c), half, half), 0.99, "10.0.0.2:80 10.0.0.3:80", nil},
-		{"ramp: view of another answer", snap(2, a, b, c), ramp(view(1, a, b, c), time.Time{}, half, time.Time{}), 0.99,
+		{"ramp: only one eligible", snap(1, a, b, c), view(1, ramping{b, half}), 0.99, "10.0.0.2:80", nil},
+		{"ramp: all ramping, none drawn", snap(1, b, c), view(1, ramping{b, half}, ramping{c, half}), 0.99, "10.0.0.2:80 10.0.0.3:80", nil},
+		{"ramp: view of another answer", snap(2, a, b, c), view(1, a, ramping{b, half}, c), 0.99,
 			"10.0.0.1:80 10.0.0.2:80 10.0.0.3:80", nil},
 	}
 	for _, tc := range cases {
@@ -107,6 +114,36 @@ func TestEndpointsAskNoDNS(t *testing.T) {
 		}
 		if n := srv.Queries() - before; n != 0 {
 			t.Fatalf("health %t: 1,000 requests sent %d DNS queries", health, n)
+		}
+	}
+}
+
+// What a request is handed may be the Snapshot's or the health view's own
+// slice, or part of it: its capacity ends at its length, so a caller that
+// appends to it gets a copy instead of writing into them.
+func TestCandidatesHaveNoSpareCapacity(t *testing.T) {
+	eps := make([]Endpoint, 0, 8)
+	for i := range 5 {
+		eps = append(eps, endpointOf(t, fmt.Sprintf("10.0.0.%d:80", i+1)))
+	}
+	s := &Snapshot{Endpoints: finish(eps, new(int)), Seq: 1}
+	p := startProber(t, HealthCheck{Interval: time.Hour})
+	p.run = func(context.Context, Endpoint) error { return nil }
+	p.update(s)
+	poll.Until(t, "every endpoint healthy", func() bool { return len(p.View().Eligible) == len(s.Endpoints) })
+	for _, v := range []*HealthView{nil, p.View()} {
+		for _, sampler := range []*Sampler{nil, {Pick: PickFirst, Size: 2}, {Pick: PickWindow, Size: 2},
+			{Pick: PickRandom, Size: 2}, {Pick: PickFirst, Size: 10}} {
+			for range 6 { // the window moves on, and wraps
+				got, err := selectEndpoints(s, v, time.Now(), nil)
+				if sampler != nil {
+					got = sampler.sample(got)
+				}
+				if err != nil || len(got) == 0 || cap(got) != len(got) {
+					t.Fatalf("health %t, sampler %+v: %d endpoints with capacity %d, %v; want no spare capacity",
+						v != nil, sampler, len(got), cap(got), err)
+				}
+			}
 		}
 	}
 }

@@ -20,3 +20,15 @@ func (w *Watcher) Stats() Stats { return w.stats.copy() }
 func (o Outcome) Transient() bool {
 	return o != OutcomeSuccess && o != OutcomeNXDomain && o != OutcomeNoData
 }
+
+// Health returns the state of the endpoint dialed at dial, and whether the
+// Prober knows it (Status tells the same of a Snapshot's endpoints).
+func (p *Prober) Health(dial string) (EndpointHealth, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	st, ok := p.states[dial]
+	if !ok {
+		return EndpointHealth{}, false
+	}
+	return st.EndpointHealth, true
+}

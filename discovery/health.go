@@ -62,7 +62,7 @@ type HealthCheck struct {
 	// they go to every discovered endpoint (fail open, "panic mode").
 	FailFast bool
 	// SlowStart, if set, ramps a newly healthy endpoint's share of requests
-	// up over this long (see HealthView.Ramp).
+	// up over this long (see HealthView.Share).
 	SlowStart time.Duration
 	// TLS, if set, makes the HTTP probes HTTPS with these settings.
 	TLS *ProbeTLS
@@ -210,33 +210,60 @@ type EndpointHealth struct {
 type HealthView struct {
 	// Seq is the Snapshot.Seq the view was computed for.
 	Seq uint64
-	// Eligible are the endpoints requests may go to, sorted: the healthy ones
-	// (and Unknown ones when optimistic). Empty when none is.
-	Eligible []Endpoint
-	eligible map[string]bool
+	// Eligible are the endpoints requests may go to, sorted, each with its
+	// slow start: the healthy ones (and Unknown ones when optimistic). Empty
+	// when none is.
+	Eligible []EligibleEndpoint
+	// endpoints are the Endpoints of Eligible alone: what a request is
+	// handed when no slow start thins them, without a copy per request.
+	endpoints []Endpoint
+	eligible  map[string]bool
 	// Panic is set while endpoints are discovered but none is eligible.
 	Panic bool
 	// FailFast is the configured behaviour in panic.
 	FailFast bool
-	// Ramp holds, for each of Eligible, when its slow start began (zero for
-	// none); nil when no endpoint is ramping. SlowStart is the ramp's length.
-	Ramp      []time.Time
+	// SlowStart is the length of a ramp.
 	SlowStart time.Duration
-	// RampUntil is when the last ramp ends.
+	// RampUntil is when the last ramp ends; zero when no endpoint is ramping.
 	RampUntil time.Time
 }
+
+// EligibleEndpoint is an endpoint requests may go to, with its slow start.
+type EligibleEndpoint struct {
+	Endpoint Endpoint
+	// RampFrom is when its slow start began; zero when it gets its full
+	// share (see EndpointHealth.RampFrom).
+	RampFrom time.Time
+}
+
+// add makes e eligible, its share ramping up from rampFrom (zero: its full
+// share at once). v.eligible must be made and v.SlowStart set.
+func (v *HealthView) add(e Endpoint, rampFrom time.Time) {
+	v.Eligible = append(v.Eligible, EligibleEndpoint{Endpoint: e, RampFrom: rampFrom})
+	v.endpoints = append(v.endpoints, e)
+	v.eligible[e.Dial] = true
+	if !rampFrom.IsZero() {
+		if end := rampFrom.Add(v.SlowStart); end.After(v.RampUntil) {
+			v.RampUntil = end
+		}
+	}
+}
+
+// ramping reports whether an eligible endpoint is in its slow start (or was,
+// until RampUntil).
+func (v *HealthView) ramping() bool { return !v.RampUntil.IsZero() }
 
 // minRampShare is the share a ramping endpoint starts with, so it is tried
 // at once (Envoy's min_weight_percent is 10% too).
 const minRampShare = 0.1
 
-// Share is how much of its full share of requests the i-th eligible endpoint
+// Share is how much of its full share of requests the eligible endpoint e
 // gets at now: 1 outside a slow start, else growing linearly from 0.1 to 1.
-func (v *HealthView) Share(i int, now time.Time) float64 {
-	if v.Ramp == nil || v.Ramp[i].IsZero() {
+func (v *HealthView) Share(e EligibleEndpoint, now time.Time) float64 {
+	if e.RampFrom.IsZero() {
 		return 1
 	}
-	f := float64(now.Sub(v.Ramp[i])) / float64(v.SlowStart)
+	f := float64(now.Sub(e.RampFrom)) / float64(v.SlowStart)
 	return min(max(f, minRampShare), 1)
 }
 
@@ -335,17 +362,6 @@ func (p *Prober) Endpoints() []EndpointHealth {
 	return out
 }
 
-// Health returns the state of the endpoint dialed at dial, and whether it is known.
-func (p *Prober) Health(dial string) (EndpointHealth, bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	st, ok := p.states[dial]
-	if !ok {
-		return EndpointHealth{}, false
-	}
-	return st.EndpointHealth, true
-}
-
 // update follows a new snapshot: endpoints that appeared are probed at once,
 // those that left DNS are forgotten (a reused IP starts fresh).
 func (p *Prober) update(s *Snapshot) {
@@ -394,19 +410,7 @@ func (p *Prober) publishLocked() {
 	for _, e := range p.members {
 		st := p.states[e.Dial]
 		if st.State == Healthy || st.State == Unknown && p.cfg.Optimistic {
-			v.Eligible = append(v.Eligible, e)
-			v.eligible[e.Dial] = true
-			if !st.RampFrom.IsZero() {
-				if end := st.RampFrom.Add(p.cfg.SlowStart); end.After(v.RampUntil) {
-					v.RampUntil = end
-				}
-				if v.Ramp == nil {
-					v.Ramp = make([]time.Time, len(v.Eligible)-1, len(p.members))
-				}
-			}
-			if v.Ramp != nil {
-				v.Ramp = append(v.Ramp, st.RampFrom)
-			}
+			v.add(e, st.RampFrom)
 		}
 		switch st.State {
 		case Unhealthy:
@@ -415,6 +419,9 @@ func (p *Prober) publishLocked() {
 			unknown++
 		}
 	}
+	// Requests are handed endpoints without a copy: no spare capacity that
+	// a caller's append could write into.
+	v.Eligible, v.endpoints = slices.Clip(v.Eligible), slices.Clip(v.endpoints)
 	v.Panic = len(v.Eligible) == 0 && len(p.members) > 0
 	p.view.Store(v)
 	// Log entering panic only once every endpoint failed: at start they are

@@ -19,6 +19,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-headless/caddy-headless/discovery/dnstest"
 	"github.com/caddy-headless/caddy-headless/internal/poll"
 )
 
@@ -165,7 +166,7 @@ func (r *probeRun) until(t *testing.T, dial string, ok func(CheckEvent) bool) Ch
 func eligible(v *HealthView) string {
 	var s []string
 	for _, e := range v.Eligible {
-		s = append(s, e.Dial)
+		s = append(s, e.Endpoint.Dial)
 	}
 	return strings.Join(s, " ")
 }
@@ -335,6 +336,30 @@ func TestHealthStateDroppedWhenEndpointLeaves(t *testing.T) {
 	}
 }
 
+// The Watcher hands its Prober every Snapshot: what DNS names is probed, and
+// an endpoint that leaves DNS is forgotten with its state.
+func TestWatcherForgetsWhatLeavesDNS(t *testing.T) {
+	b := newBackend(t, func(int) int { return 200 })
+	e := b.endpoint()
+	srv := dnstest.Start(t, "app.bbs.svc.cluster.local. 5 IN A "+e.IP.String())
+	w, _ := startWatcher(t, srv, fmt.Sprintf("app:%d", e.Port), func(c *Config) {
+		c.IPv6 = false
+		c.Addresses = AddressPolicy{Loopback: true} // the backend listens there
+		c.Health = &HealthCheck{Interval: time.Hour, Timeout: 2 * time.Second}
+	})
+	poll.Until(t, "the endpoint probed healthy", func() bool {
+		h, ok := w.prober.Health(b.addr)
+		return ok && h.State == Healthy
+	})
+	srv.MustSet(t, "other.bbs.svc.cluster.local. 5 IN A 10.0.0.1")
+	if s := refreshNow(t, w); len(s.Endpoints) != 0 {
+		t.Fatalf("endpoints [%s] after the Service left DNS", dials(s.Endpoints))
+	}
+	if h, ok := w.prober.Health(b.addr); ok {
+		t.Fatalf("state %+v kept for an endpoint that left DNS", h)
+	}
+}
+
 // Probes in flight are capped per Service.
 func TestHealthMaxInFlight(t *testing.T) {
 	release, arrived := make(chan struct{}), make(chan struct{}, 100)
@@ -479,7 +504,7 @@ func TestHealthSlowStartRamp(t *testing.T) {
 	p.discover(first.endpoint(), steady.endpoint())
 	p.until(t, first.addr, func(ev CheckEvent) bool { return ev.State == Healthy })
 	p.until(t, steady.addr, func(ev CheckEvent) bool { return ev.State == Healthy })
-	if v := p.View(); v.Ramp != nil || v.Share(0, time.Now()) != 1 {
+	if v := p.View(); v.ramping() || len(v.Eligible) != 2 || v.Share(v.Eligible[0], time.Now()) != 1 || v.Share(v.Eligible[1], time.Now()) != 1 {
 		t.Fatalf("endpoints healthy at start ramp: %+v", v)
 	}
 
@@ -491,26 +516,26 @@ func TestHealthSlowStartRamp(t *testing.T) {
 	p.until(t, first.addr, func(ev CheckEvent) bool { return ev.State == Healthy })
 
 	v := p.View()
-	if len(v.Eligible) != 3 || len(v.Ramp) != 3 || v.SlowStart != time.Hour {
+	if len(v.Eligible) != 3 || !v.ramping() || v.SlowStart != time.Hour {
 		t.Fatalf("view: %+v", v)
 	}
-	for i, e := range v.Eligible {
-		h, _ := p.Health(e.Dial)
-		ramping := e.Dial != steady.addr
-		if !v.Ramp[i].Equal(h.RampFrom) || v.Ramp[i].IsZero() == ramping {
-			t.Errorf("%s: ramp from %v (ramping %t)", e.Dial, v.Ramp[i], ramping)
+	for _, e := range v.Eligible {
+		h, _ := p.Health(e.Endpoint.Dial)
+		ramping := e.Endpoint.Dial != steady.addr
+		if !e.RampFrom.Equal(h.RampFrom) || e.RampFrom.IsZero() == ramping {
+			t.Errorf("%s: ramp from %v (ramping %t)", e.Endpoint.Dial, e.RampFrom, ramping)
 		}
 		if !ramping {
 			continue
 		}
-		if got := v.Share(i, h.RampFrom); got != minRampShare {
-			t.Errorf("%s: share at the start of the ramp %v, want %v", e.Dial, got, minRampShare)
+		if got := v.Share(e, h.RampFrom); got != minRampShare {
+			t.Errorf("%s: share at the start of the ramp %v, want %v", e.Endpoint.Dial, got, minRampShare)
 		}
-		if got := v.Share(i, h.RampFrom.Add(30*time.Minute)); got != 0.5 {
-			t.Errorf("%s: share halfway %v, want 0.5", e.Dial, got)
+		if got := v.Share(e, h.RampFrom.Add(30*time.Minute)); got != 0.5 {
+			t.Errorf("%s: share halfway %v, want 0.5", e.Endpoint.Dial, got)
 		}
-		if got := v.Share(i, h.RampFrom.Add(2*time.Hour)); got != 1 {
-			t.Errorf("%s: share after the ramp %v", e.Dial, got)
+		if got := v.Share(e, h.RampFrom.Add(2*time.Hour)); got != 1 {
+			t.Errorf("%s: share after the ramp %v", e.Endpoint.Dial, got)
 		}
 		if !v.RampUntil.After(h.RampFrom) {
 			t.Errorf("ramp until %v", v.RampUntil)

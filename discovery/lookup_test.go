@@ -238,6 +238,75 @@ web-0.web.bbs.svc.cluster.local. 3 IN A 10.1.0.9
 	}
 }
 
+// SRV targets without glue are asked for both families, one by one or, when
+// there are more than MaxTargetLookups of the Service's own endpoint names on
+// one port, through the Service name's A and AAAA records. Each family's
+// answer counts; a family that fails fails the lookup, with the name asked.
+func TestLookupSRVTargetsWithoutGlueDualStack(t *testing.T) {
+	const zone = `
+web.bbs.svc.cluster.local. 30 IN A 10.1.0.9
+web.bbs.svc.cluster.local. 20 IN AAAA fd00::9
+web-0.web.bbs.svc.cluster.local. 30 IN A 10.1.0.9
+web-0.web.bbs.svc.cluster.local. 20 IN AAAA fd00::9
+web-1.web.bbs.svc.cluster.local. 30 IN A 10.1.0.10
+`
+	const qname = "_http._tcp.web.bbs.svc.cluster.local."
+	var many []string
+	for i := range MaxTargetLookups + 1 {
+		many = append(many, fmt.Sprintf("10-1-1-%d.web.bbs.svc.cluster.local.", i))
+	}
+	for _, tc := range []struct {
+		name     string
+		targets  []string
+		failAAAA string // a name whose AAAA question gets SERVFAIL
+		// want: dial addresses (each with its SRV target, if any), or the error.
+		want    string
+		ttl     time.Duration
+		queries int
+	}{
+		// web-1 has no AAAA record: its NODATA does not shorten the TTL.
+		{"one by one", []string{"web-0.web.bbs.svc.cluster.local.", "web-1.web.bbs.svc.cluster.local."}, "",
+			"10.1.0.9:8080/web-0.web.bbs.svc.cluster.local. 10.1.0.10:8080/web-1.web.bbs.svc.cluster.local. [fd00::9]:8080/web-0.web.bbs.svc.cluster.local.",
+			20 * time.Second, 5},
+		{"one by one, AAAA fails", []string{"web-0.web.bbs.svc.cluster.local."}, "web-0.web.bbs.svc.cluster.local.",
+			"SRV target web-0.web.bbs.svc.cluster.local of _http._tcp.web.bbs.svc.cluster.local: ", 0, 3},
+		{"names fallback", many, "", "10.1.0.9:8080/ [fd00::9]:8080/", 20 * time.Second, 3},
+		{"names fallback, AAAA fails", many, "web.bbs.svc.cluster.local.",
+			"addresses of web.bbs.svc.cluster.local for SRV targets without glue: ", 0, 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := dnstest.Start(t, zone)
+			srv.Hook(func(w dns.ResponseWriter, q *dns.Msg) bool {
+				m := new(dns.Msg)
+				switch question := q.Question[0]; {
+				case question.Qtype == dns.TypeSRV && question.Name == qname: // the records without their glue
+					m.SetReply(q)
+					for _, target := range tc.targets {
+						m.Answer = append(m.Answer, rr(t, qname+" 30 IN SRV 0 50 8080 "+target))
+					}
+				case question.Qtype == dns.TypeAAAA && question.Name == tc.failAAAA:
+					m.SetRcode(q, dns.RcodeServerFailure)
+				default:
+					return false
+				}
+				hostileWrite(w, q, m) // truncated over UDP, as a server does
+				return true
+			})
+			res, err := lookup(t, srv, "web:http", true, true)
+			got := ""
+			for _, e := range res.Endpoints {
+				got += " " + e.Dial + "/" + e.Target
+			}
+			if err != nil {
+				got = err.Error()
+			}
+			if !strings.HasPrefix(strings.TrimSpace(got), tc.want) || err == nil && res.TTL != tc.ttl || res.Queries != tc.queries {
+				t.Fatalf("got %s, ttl %s after %d queries; want %s, ttl %s after %d", got, res.TTL, res.Queries, tc.want, tc.ttl, tc.queries)
+			}
+		})
+	}
+}
+
 func TestLookupTransientErrors(t *testing.T) {
 	for _, tc := range []struct {
 		name    string

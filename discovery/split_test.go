@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 )
 
 // splitWatcher is a Watcher of name that has DNS-returned endpoints
@@ -32,8 +33,7 @@ func splitWatcher(t *testing.T, name string, net, n, healthy int) *Watcher {
 	if healthy >= 0 {
 		v := &HealthView{Seq: 1, eligible: map[string]bool{}}
 		for _, e := range eps[:healthy] {
-			v.Eligible = append(v.Eligible, e)
-			v.eligible[e.Dial] = true
+			v.add(e, time.Time{})
 		}
 		v.Panic = healthy == 0 && n > 0
 		w.prober.view.Store(v)

@@ -37,8 +37,9 @@ type Status struct {
 
 // HealthStatus is what the probes say about a Snapshot's endpoints.
 type HealthStatus struct {
-	// Endpoints holds one entry per Snapshot endpoint, in the same order
-	// (State Unknown for one the probes have not seen yet).
+	// Endpoints are the Snapshot's endpoints, each with what the probes say
+	// of it (State Unknown for one they have not seen yet): a reader walks
+	// these instead of the Snapshot's.
 	Endpoints []EndpointHealth
 	// Eligible counts the endpoints requests may go to: those passing (and,
 	// when optimistic, those not probed yet).
@@ -202,10 +203,10 @@ func (p *Prober) status(s *Snapshot) *HealthStatus {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for i, e := range s.Endpoints {
-		hs.Endpoints[i].Endpoint = e
 		if st, ok := p.states[e.Dial]; ok {
 			hs.Endpoints[i] = st.EndpointHealth
 		}
+		hs.Endpoints[i].Endpoint = e // the Snapshot's (the probes' copy may hold an older SRV target)
 		if v.IsEligible(e.Dial) {
 			hs.Eligible++
 		}

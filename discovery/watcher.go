@@ -245,9 +245,6 @@ func New(cfg Config, logger *zap.Logger) *Watcher {
 // Config returns the configuration the Watcher runs with, defaults filled in.
 func (w *Watcher) Config() Config { return w.cfg }
 
-// Prober returns the health checks of the endpoints; nil if not configured.
-func (w *Watcher) Prober() *Prober { return w.prober }
-
 // AttachLogger makes the Watcher log through l until detach is called. Of
 // the attached loggers the newest is used: a shared Watcher logs through the
 // newest configuration that uses it and, once that configuration is dropped
@@ -475,7 +472,7 @@ func (w *Watcher) loop(ctx context.Context, first time.Duration) (ended bool) {
 		} else {
 			failures = 0
 		}
-		s := w.next(w.snap.Load(), res, err, now, seq, failures)
+		s := w.applyLookup(w.snap.Load(), res, err, now, seq, failures)
 		w.logLookup(s, res, err, now.Sub(lastStart))
 		w.stats.lookup(s.Outcome, now.Sub(lastStart), res)
 		w.publish(s)
@@ -557,47 +554,64 @@ func (w *Watcher) lookup(ctx context.Context, single family, seq uint64) (Result
 	return again, err
 }
 
-// next computes the snapshot that follows prev after a lookup, logs what
-// changed, and schedules the next lookup.
-func (w *Watcher) next(prev *Snapshot, res Result, err error, now time.Time, seq uint64, failures int) *Snapshot {
-	log := w.logger.Load()
-	svc := w.cfg.Service
-	s := &Snapshot{Service: svc, Seq: seq}
+// applyLookup turns a finished lookup into the snapshot that follows prev:
+// an answer replaces the endpoints, a failure keeps them within the stale
+// bound. Either way it logs, advances the warnings' state and schedules the
+// next lookup (Snapshot.Next); the caller publishes the snapshot.
+func (w *Watcher) applyLookup(prev *Snapshot, res Result, err error, now time.Time, seq uint64, failures int) *Snapshot {
+	s := &Snapshot{Service: w.cfg.Service, Seq: seq}
 	if prev != nil {
 		*s = *prev
 		s.Seq = seq
 	}
-	if err == nil {
-		cached := countsDown(prev, res)
-		s.Endpoints, s.Outcome, s.TTL, s.Server = res.Endpoints, res.Outcome, res.TTL, res.Server
-		if res.Outcome == OutcomeSuccess {
-			s.MaxTTL = max(s.MaxTTL, res.TTL)
-		}
-		if cached && !s.Cached {
-			s.Cached = true
-			log.Warn("DNS answers come from a cache: their TTL counts down between lookups, so a change to the Service (an endpoint that leaves) can be seen up to max_age late; requests still avoid endpoints that refuse connections. To see changes at once, point resolvers at the cluster DNS behind the cache (the kube-dns-upstream Service under NodeLocal DNSCache); see the README, Freshness in a real cluster",
-				zap.String("service", svc.String()), zap.String("server", res.Server),
-				zap.Duration("max_age", s.MaxTTL), zap.Duration("ttl", res.TTL), zap.Duration("previous_ttl", prev.TTL))
-		}
-		s.Resolved, s.Err, s.ErrAt, s.StaleSince, s.Expired = now, nil, time.Time{}, time.Time{}, false
-		s.Next = now.Add(jitter(clamp(res.TTL, w.cfg.RefreshMin, w.cfg.RefreshMax)))
-		if len(s.Endpoints) == 0 {
-			s.Unavailable = fmt.Errorf("service %s has no ready endpoints (%s from DNS server %s): check the Service's EndpointSlices and readiness",
-				svc, strings.ToUpper(string(res.Outcome)), res.Server)
-		} else {
-			s.Unavailable = nil
-		}
-		w.logChange(log, prev, s, res)
-		if res.Dropped > 0 && w.warned.due(&w.warned.bound, "bound", now) {
-			log.Warn("DNS answer exceeded a bound; extra records ignored",
-				zap.String("service", svc.String()), zap.Int("dropped", res.Dropped))
-		}
-		w.logRefused(log, res, now)
-		w.logPartial(log, res, now)
-		return s
+	if err != nil {
+		w.applyFailure(s, prev, res, err, now, failures)
+	} else {
+		w.applyAnswer(s, prev, res, now)
 	}
+	return s
+}
 
-	// A transient failure: keep what we have, within the stale bound.
+// applyAnswer makes s (a copy of prev, or new) hold DNS's answer res, and
+// logs the change and what the answer left out.
+func (w *Watcher) applyAnswer(s, prev *Snapshot, res Result, now time.Time) {
+	log := w.logger.Load()
+	svc := w.cfg.Service
+	cached := countsDown(prev, res)
+	s.Endpoints, s.Outcome, s.TTL, s.Server = res.Endpoints, res.Outcome, res.TTL, res.Server
+	if res.Outcome == OutcomeSuccess {
+		s.MaxTTL = max(s.MaxTTL, res.TTL)
+	}
+	if cached && !s.Cached {
+		s.Cached = true
+		log.Warn("DNS answers come from a cache: their TTL counts down between lookups, so a change to the Service (an endpoint that leaves) can be seen up to max_age late; requests still avoid endpoints that refuse connections. To see changes at once, point resolvers at the cluster DNS behind the cache (the kube-dns-upstream Service under NodeLocal DNSCache); see the README, Freshness in a real cluster",
+			zap.String("service", svc.String()), zap.String("server", res.Server),
+			zap.Duration("max_age", s.MaxTTL), zap.Duration("ttl", res.TTL), zap.Duration("previous_ttl", prev.TTL))
+	}
+	s.Resolved, s.Err, s.ErrAt, s.StaleSince, s.Expired = now, nil, time.Time{}, time.Time{}, false
+	s.Next = now.Add(jitter(clamp(res.TTL, w.cfg.RefreshMin, w.cfg.RefreshMax)))
+	if len(s.Endpoints) == 0 {
+		s.Unavailable = fmt.Errorf("service %s has no ready endpoints (%s from DNS server %s): check the Service's EndpointSlices and readiness",
+			svc, strings.ToUpper(string(res.Outcome)), res.Server)
+	} else {
+		s.Unavailable = nil
+	}
+	w.logChange(log, prev, s, res)
+	if res.Dropped > 0 && w.warned.due(&w.warned.bound, "bound", now) {
+		log.Warn("DNS answer exceeded a bound; extra records ignored",
+			zap.String("service", svc.String()), zap.Int("dropped", res.Dropped))
+	}
+	w.logRefused(log, res, now)
+	w.logPartial(log, res, now)
+}
+
+// applyFailure makes s (a copy of prev, or new) follow the lookup that
+// failed with err, the failures-th in a row: a transient failure keeps what
+// s has, within the stale bound, and the next lookup backs off. It warns
+// when failures start or change kind, then at most every 30 s.
+func (w *Watcher) applyFailure(s, prev *Snapshot, res Result, err error, now time.Time, failures int) {
+	log := w.logger.Load()
+	svc := w.cfg.Service
 	backoff := min(250*time.Millisecond<<min(failures-1, 10), MaxErrorBackoff, w.cfg.RefreshMax)
 	s.Next = now.Add(jitter(backoff))
 	s.Outcome, s.Err, s.ErrAt = outcomeOf(err), err, now
@@ -606,9 +620,8 @@ func (w *Watcher) next(prev *Snapshot, res Result, err error, now time.Time, seq
 		log.Warn("DNS refresh failed past the stale bound; dropping endpoints: requests to "+svc.String()+" will fail",
 			zap.String("service", svc.String()), zap.Int("dropped", len(prev.Endpoints)), zap.Error(err))
 		w.warned.failure = warnState{what: "expired", at: now}
-		return s
+		return
 	}
-	// Warn when failures start or change kind, then at most every 30 s.
 	if prev == nil || prev.Err == nil {
 		w.warned.failure = warnState{}
 	}
@@ -619,7 +632,6 @@ func (w *Watcher) next(prev *Snapshot, res Result, err error, now time.Time, seq
 		log.Warn("DNS refresh failed; "+consequence,
 			zap.String("service", svc.String()), zap.Int("failures", failures), zap.Error(err))
 	}
-	return s
 }
 
 // keepLastSet applies the one rule for a failed refresh, whatever the
