@@ -14,8 +14,8 @@
 //   - watcher.go: one Watcher per distinct question (Config.Key) re-asks on a
 //     TTL-clamped, jittered timer, keeps the last good set on errors and
 //     publishes immutable Snapshots through an atomic pointer.
-//   - health.go: the Prober inside a Watcher checks every endpoint on its own
-//     timer and publishes which ones pass (HealthView), with slow start.
+//   - health.go: the prober inside a Watcher checks every endpoint on its own
+//     timer and publishes which ones pass (healthView), with slow start.
 //   - endpoints.go: the endpoints one request may go to (Watcher.Endpoints):
 //     the Snapshot's, filtered by health, thinned during a slow start, never
 //     one that left DNS.

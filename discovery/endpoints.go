@@ -26,7 +26,7 @@ func (w *Watcher) Endpoints(ctx context.Context) ([]Endpoint, error) {
 			return nil, fmt.Errorf("service %s: %w within %s", w.cfg.Service, ErrNotResolved, timeout)
 		}
 	}
-	var v *HealthView
+	var v *healthView
 	var now time.Time // read only for a slow start: the common path skips the clock
 	if w.prober != nil {
 		// Loaded after the snapshot: publish updates the view first, so v
@@ -41,7 +41,7 @@ func (w *Watcher) Endpoints(ctx context.Context) ([]Endpoint, error) {
 
 // selectEndpoints picks from s by the health view v (nil without health
 // checks) at now; coin draws in [0,1) decide the slow start.
-func selectEndpoints(s *Snapshot, v *HealthView, now time.Time, coin func() float64) ([]Endpoint, error) {
+func selectEndpoints(s *Snapshot, v *healthView, now time.Time, coin func() float64) ([]Endpoint, error) {
 	if len(s.Endpoints) == 0 {
 		return nil, s.Unavailable
 	}
@@ -75,7 +75,7 @@ func selectEndpoints(s *Snapshot, v *HealthView, now time.Time, coin func() floa
 // thin leaves each ramping endpoint of v out with the probability 1 - its
 // share, which makes it that much less likely to be picked by random, round
 // robin or least_conn; at least one endpoint is kept.
-func thin(v *HealthView, now time.Time, coin func() float64) []Endpoint {
+func thin(v *healthView, now time.Time, coin func() float64) []Endpoint {
 	out := make([]Endpoint, 0, len(v.Eligible))
 	for _, e := range v.Eligible {
 		if share := v.Share(e, now); share < 1 && coin() >= share {

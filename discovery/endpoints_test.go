@@ -29,8 +29,8 @@ func TestSelectEndpoints(t *testing.T) {
 	}
 	// view(seq, eligible...) is the view of snapshot seq in which the
 	// endpoints given (each an Endpoint, or ramping) are eligible.
-	view := func(seq uint64, eligible ...any) *HealthView {
-		v := &HealthView{Seq: seq, SlowStart: time.Hour, eligible: map[string]bool{}}
+	view := func(seq uint64, eligible ...any) *healthView {
+		v := &healthView{Seq: seq, SlowStart: time.Hour, eligible: map[string]bool{}}
 		for _, e := range eligible {
 			switch e := e.(type) {
 			case Endpoint:
@@ -49,7 +49,7 @@ func TestSelectEndpoints(t *testing.T) {
 	cases := []struct {
 		name string
 		s    *Snapshot
-		v    *HealthView
+		v    *healthView
 		coin float64
 		want string
 		err  error
@@ -131,7 +131,7 @@ func TestCandidatesHaveNoSpareCapacity(t *testing.T) {
 	p.run = func(context.Context, Endpoint) error { return nil }
 	p.update(s)
 	poll.Until(t, "every endpoint healthy", func() bool { return len(p.View().Eligible) == len(s.Endpoints) })
-	for _, v := range []*HealthView{nil, p.View()} {
+	for _, v := range []*healthView{nil, p.View()} {
 		for _, sampler := range []*Sampler{nil, {Pick: PickFirst, Size: 2}, {Pick: PickWindow, Size: 2},
 			{Pick: PickRandom, Size: 2}, {Pick: PickFirst, Size: 10}} {
 			for range 6 { // the window moves on, and wraps

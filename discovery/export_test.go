@@ -22,8 +22,8 @@ func (o Outcome) Transient() bool {
 }
 
 // Health returns the state of the endpoint dialed at dial, and whether the
-// Prober knows it (Status tells the same of a Snapshot's endpoints).
-func (p *Prober) Health(dial string) (EndpointHealth, bool) {
+// prober knows it (Status tells the same of a Snapshot's endpoints).
+func (p *prober) Health(dial string) (EndpointHealth, bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	st, ok := p.states[dial]

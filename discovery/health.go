@@ -25,7 +25,7 @@ import (
 
 // Nothing in Kubernetes probes an endpoint entered by hand (a VM behind a
 // Service without a selector): its EndpointSlice stays ready and DNS keeps
-// handing it out after it died. A Prober checks every endpoint a Watcher
+// handing it out after it died. A prober checks every endpoint a Watcher
 // discovers, on its own jittered timer, and tells requests which ones pass.
 // It lives inside the Watcher, so its state survives config reloads and is
 // shared by every handler asking the same question.
@@ -62,13 +62,13 @@ type HealthCheck struct {
 	// they go to every discovered endpoint (fail open, "panic mode").
 	FailFast bool
 	// SlowStart, if set, ramps a newly healthy endpoint's share of requests
-	// up over this long (see HealthView.Share).
+	// up over this long (see healthView.Share).
 	SlowStart time.Duration
 	// TLS, if set, makes the HTTP probes HTTPS with these settings.
 	TLS *ProbeTLS
 }
 
-// ProbeTLS are the settings of HTTPS probes, as values: the Prober builds
+// ProbeTLS are the settings of HTTPS probes, as values: the prober builds
 // the tls.Config from them (clientConfig) and Config.Key tells them apart,
 // so no caller composes either.
 type ProbeTLS struct {
@@ -205,15 +205,15 @@ type EndpointHealth struct {
 	RampFrom time.Time
 }
 
-// HealthView is an immutable summary of the probes, published whenever a
+// healthView is an immutable summary of the probes, published whenever a
 // state changes or DNS answers.
-type HealthView struct {
+type healthView struct {
 	// Seq is the Snapshot.Seq the view was computed for.
 	Seq uint64
 	// Eligible are the endpoints requests may go to, sorted, each with its
 	// slow start: the healthy ones (and Unknown ones when optimistic). Empty
 	// when none is.
-	Eligible []EligibleEndpoint
+	Eligible []eligibleEndpoint
 	// endpoints are the Endpoints of Eligible alone: what a request is
 	// handed when no slow start thins them, without a copy per request.
 	endpoints []Endpoint
@@ -228,8 +228,8 @@ type HealthView struct {
 	RampUntil time.Time
 }
 
-// EligibleEndpoint is an endpoint requests may go to, with its slow start.
-type EligibleEndpoint struct {
+// eligibleEndpoint is an endpoint requests may go to, with its slow start.
+type eligibleEndpoint struct {
 	Endpoint Endpoint
 	// RampFrom is when its slow start began; zero when it gets its full
 	// share (see EndpointHealth.RampFrom).
@@ -238,8 +238,8 @@ type EligibleEndpoint struct {
 
 // add makes e eligible, its share ramping up from rampFrom (zero: its full
 // share at once). v.eligible must be made and v.SlowStart set.
-func (v *HealthView) add(e Endpoint, rampFrom time.Time) {
-	v.Eligible = append(v.Eligible, EligibleEndpoint{Endpoint: e, RampFrom: rampFrom})
+func (v *healthView) add(e Endpoint, rampFrom time.Time) {
+	v.Eligible = append(v.Eligible, eligibleEndpoint{Endpoint: e, RampFrom: rampFrom})
 	v.endpoints = append(v.endpoints, e)
 	v.eligible[e.Dial] = true
 	if !rampFrom.IsZero() {
@@ -251,7 +251,7 @@ func (v *HealthView) add(e Endpoint, rampFrom time.Time) {
 
 // ramping reports whether an eligible endpoint is in its slow start (or was,
 // until RampUntil).
-func (v *HealthView) ramping() bool { return !v.RampUntil.IsZero() }
+func (v *healthView) ramping() bool { return !v.RampUntil.IsZero() }
 
 // minRampShare is the share a ramping endpoint starts with, so it is tried
 // at once (Envoy's min_weight_percent is 10% too).
@@ -259,7 +259,7 @@ const minRampShare = 0.1
 
 // Share is how much of its full share of requests the eligible endpoint e
 // gets at now: 1 outside a slow start, else growing linearly from 0.1 to 1.
-func (v *HealthView) Share(e EligibleEndpoint, now time.Time) float64 {
+func (v *healthView) Share(e eligibleEndpoint, now time.Time) float64 {
 	if e.RampFrom.IsZero() {
 		return 1
 	}
@@ -268,10 +268,10 @@ func (v *HealthView) Share(e EligibleEndpoint, now time.Time) float64 {
 }
 
 // IsEligible reports whether requests may go to the endpoint dialed at dial.
-func (v *HealthView) IsEligible(dial string) bool { return v.eligible[dial] }
+func (v *healthView) IsEligible(dial string) bool { return v.eligible[dial] }
 
-// Prober runs the health checks of one Watcher's endpoints.
-type Prober struct {
+// prober runs the health checks of one Watcher's endpoints.
+type prober struct {
 	cfg    HealthCheck
 	svc    Service
 	logger *atomic.Pointer[zap.Logger]
@@ -282,7 +282,7 @@ type Prober struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	view atomic.Pointer[HealthView]
+	view atomic.Pointer[healthView]
 
 	mu      sync.Mutex
 	seq     uint64
@@ -301,7 +301,7 @@ type Prober struct {
 	// run checks one endpoint: check, or a test's stand-in.
 	run func(context.Context, Endpoint) error
 
-	stats   *stats                                // the Watcher's; nil in tests of the Prober alone
+	stats   *stats                                // the Watcher's; nil in tests of the prober alone
 	observe func(CheckEvent)                      // tests: called after every probe, under mu
 	changed func(ev CheckEvent, prev HealthState) // the Watcher's events; after a change, not under mu
 }
@@ -312,16 +312,16 @@ type probeState struct {
 	EndpointHealth
 	timer  *time.Timer
 	late   bool // discovered after the prober's first endpoints: slow start applies
-	queued bool // in Prober.ready
+	queued bool // in prober.ready
 	// ctx ends when the endpoint leaves DNS: a probe in flight stops then.
 	ctx    context.Context
 	cancel context.CancelFunc
 }
 
-func newProber(cfg HealthCheck, svc Service, logger *atomic.Pointer[zap.Logger]) *Prober {
+func newProber(cfg HealthCheck, svc Service, logger *atomic.Pointer[zap.Logger]) *prober {
 	cfg = cfg.withDefaults()
 	ctx, cancel := context.WithCancel(context.Background())
-	p := &Prober{
+	p := &prober{
 		cfg: cfg, svc: svc, logger: logger,
 		ctx:    ctx,
 		cancel: cancel,
@@ -344,15 +344,15 @@ func newProber(cfg HealthCheck, svc Service, logger *atomic.Pointer[zap.Logger])
 		}
 	}
 	p.run = p.checkCtx
-	p.view.Store(&HealthView{FailFast: cfg.FailFast})
+	p.view.Store(&healthView{FailFast: cfg.FailFast})
 	return p
 }
 
 // View returns the current summary; never nil.
-func (p *Prober) View() *HealthView { return p.view.Load() }
+func (p *prober) View() *healthView { return p.view.Load() }
 
 // Endpoints returns the state of every discovered endpoint, sorted.
-func (p *Prober) Endpoints() []EndpointHealth {
+func (p *prober) Endpoints() []EndpointHealth {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	out := make([]EndpointHealth, 0, len(p.members))
@@ -364,7 +364,7 @@ func (p *Prober) Endpoints() []EndpointHealth {
 
 // update follows a new snapshot: endpoints that appeared are probed at once,
 // those that left DNS are forgotten (a reused IP starts fresh).
-func (p *Prober) update(s *Snapshot) {
+func (p *prober) update(s *Snapshot) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.stopped {
@@ -404,8 +404,8 @@ func (p *Prober) update(s *Snapshot) {
 }
 
 // publishLocked computes and stores the view; p.mu is held.
-func (p *Prober) publishLocked() {
-	v := &HealthView{Seq: p.seq, FailFast: p.cfg.FailFast, SlowStart: p.cfg.SlowStart, eligible: make(map[string]bool, len(p.members))}
+func (p *prober) publishLocked() {
+	v := &healthView{Seq: p.seq, FailFast: p.cfg.FailFast, SlowStart: p.cfg.SlowStart, eligible: make(map[string]bool, len(p.members))}
 	unhealthy, unknown := 0, 0
 	for _, e := range p.members {
 		st := p.states[e.Dial]
@@ -446,7 +446,7 @@ func (p *Prober) publishLocked() {
 
 // enqueue puts st in the queue, when its timer fires, and starts a worker
 // if fewer than MaxInFlight run.
-func (p *Prober) enqueue(st *probeState) {
+func (p *prober) enqueue(st *probeState) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.stopped || st.queued || p.states[st.Endpoint.Dial] != st {
@@ -464,7 +464,7 @@ func (p *Prober) enqueue(st *probeState) {
 }
 
 // work probes queued endpoints until the queue is empty.
-func (p *Prober) work() {
+func (p *prober) work() {
 	defer p.wg.Done()
 	for {
 		p.mu.Lock()
@@ -486,7 +486,7 @@ func (p *Prober) work() {
 // take the proxy down: it is logged at error with the stack, the endpoint
 // keeps its state and is probed again after an interval, and the worker goes
 // on with the queue.
-func (p *Prober) probeSafely(st *probeState) {
+func (p *prober) probeSafely(st *probeState) {
 	defer func() {
 		if r := recover(); r != nil {
 			p.logger.Load().Error("health probe panicked; the endpoint keeps its state and is probed again after an interval",
@@ -504,7 +504,7 @@ func (p *Prober) probeSafely(st *probeState) {
 
 // probe checks one endpoint, taken from the queue while it was still
 // discovered, records the result and schedules the next probe.
-func (p *Prober) probe(st *probeState) {
+func (p *prober) probe(st *probeState) {
 	err := p.run(st.ctx, st.Endpoint)
 	if ev, prev, ok := p.record(st, err); ok && ev.Changed {
 		p.logChange(ev, prev)
@@ -516,7 +516,7 @@ func (p *Prober) probe(st *probeState) {
 
 // record takes a probe's result into st, under the lock (released also if
 // something in it panics); ok is false when the endpoint left DNS meanwhile.
-func (p *Prober) record(st *probeState, err error) (ev CheckEvent, prev HealthState, ok bool) {
+func (p *prober) record(st *probeState, err error) (ev CheckEvent, prev HealthState, ok bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.stopped || p.states[st.Endpoint.Dial] != st {
@@ -562,7 +562,7 @@ func (p *Prober) record(st *probeState, err error) (ev CheckEvent, prev HealthSt
 	return ev, prev, true
 }
 
-func (p *Prober) logChange(ev CheckEvent, prev HealthState) {
+func (p *prober) logChange(ev CheckEvent, prev HealthState) {
 	log := p.logger.Load()
 	fields := []zap.Field{zap.String("service", p.svc.String()), zap.String("endpoint", ev.Endpoint.Dial),
 		zap.String("from", prev.String()), zap.String("to", ev.State.String())}
@@ -577,10 +577,10 @@ func (p *Prober) logChange(ev CheckEvent, prev HealthState) {
 }
 
 // check runs one probe.
-func (p *Prober) check(e Endpoint) error { return p.checkCtx(p.ctx, e) }
+func (p *prober) check(e Endpoint) error { return p.checkCtx(p.ctx, e) }
 
 // checkCtx runs one probe, ended early by ctx.
-func (p *Prober) checkCtx(ctx context.Context, e Endpoint) error {
+func (p *prober) checkCtx(ctx context.Context, e Endpoint) error {
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
 	defer cancel()
 	port := e.Port
@@ -657,7 +657,7 @@ func statusText(want int) string {
 }
 
 // stop ends every timer and waits for the probes in flight.
-func (p *Prober) stop() {
+func (p *prober) stop() {
 	p.mu.Lock()
 	p.stopped = true
 	for _, st := range p.states {

@@ -102,9 +102,9 @@ func endpointOf(t *testing.T, addr string) Endpoint {
 	return Endpoint{IP: ap.Addr(), Port: ap.Port(), Dial: addr}
 }
 
-// probeRun is a Prober under test with its check events.
+// probeRun is a prober under test with its check events.
 type probeRun struct {
-	*Prober
+	*prober
 	events chan CheckEvent
 	seq    uint64
 }
@@ -120,7 +120,7 @@ func startProber(t *testing.T, cfg HealthCheck) *probeRun {
 	r := &probeRun{events: make(chan CheckEvent, 1<<16)}
 	var log atomic.Pointer[zap.Logger]
 	log.Store(zap.NewNop())
-	r.Prober = newProber(cfg, Service{Ref: "app.bbs:8080", FQDN: "app.bbs.svc.cluster.local.", Port: 8080}, &log)
+	r.prober = newProber(cfg, Service{Ref: "app.bbs:8080", FQDN: "app.bbs.svc.cluster.local.", Port: 8080}, &log)
 	r.observe = func(ev CheckEvent) {
 		select {
 		case r.events <- ev:
@@ -163,7 +163,7 @@ func (r *probeRun) until(t *testing.T, dial string, ok func(CheckEvent) bool) Ch
 	}
 }
 
-func eligible(v *HealthView) string {
+func eligible(v *healthView) string {
 	var s []string
 	for _, e := range v.Eligible {
 		s = append(s, e.Endpoint.Dial)
@@ -336,7 +336,7 @@ func TestHealthStateDroppedWhenEndpointLeaves(t *testing.T) {
 	}
 }
 
-// The Watcher hands its Prober every Snapshot: what DNS names is probed, and
+// The Watcher hands its prober every Snapshot: what DNS names is probed, and
 // an endpoint that leaves DNS is forgotten with its state.
 func TestWatcherForgetsWhatLeavesDNS(t *testing.T) {
 	b := newBackend(t, func(int) int { return 200 })

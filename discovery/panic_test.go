@@ -100,7 +100,7 @@ func TestProbeWorkerSurvivesPanic(t *testing.T) {
 		return nil
 	}
 	p.discover(a, b)
-	wantPanicLogged(t, logs, "health probe panicked; the endpoint keeps its state and is probed again after an interval", "(*Prober).probeSafely")
+	wantPanicLogged(t, logs, "health probe panicked; the endpoint keeps its state and is probed again after an interval", "(*prober).probeSafely")
 	p.until(t, a.Dial, func(ev CheckEvent) bool { return ev.Passed && ev.State == Healthy })
 	p.until(t, b.Dial, func(ev CheckEvent) bool { return ev.Passed && ev.State == Healthy })
 	if v := p.View(); eligible(v) != a.Dial+" "+b.Dial {

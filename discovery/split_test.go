@@ -31,7 +31,7 @@ func splitWatcher(t *testing.T, name string, net, n, healthy int) *Watcher {
 	w.snap.Store(&Snapshot{Service: svc, Endpoints: eps, Seq: 1,
 		Unavailable: fmt.Errorf("service %s: %w", svc, errors.New("no ready endpoints"))})
 	if healthy >= 0 {
-		v := &HealthView{Seq: 1, eligible: map[string]bool{}}
+		v := &healthView{Seq: 1, eligible: map[string]bool{}}
 		for _, e := range eps[:healthy] {
 			v.add(e, time.Time{})
 		}

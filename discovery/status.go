@@ -193,7 +193,7 @@ func stateOf(s *Snapshot) State {
 }
 
 // status describes the endpoints of s (nil: none yet) as the probes see them.
-func (p *Prober) status(s *Snapshot) *HealthStatus {
+func (p *prober) status(s *Snapshot) *HealthStatus {
 	v := p.View()
 	hs := &HealthStatus{Panic: v.Panic}
 	if s == nil {

@@ -179,7 +179,7 @@ type Watcher struct {
 	started atomic.Uint64 // Seq of the newest lookup started
 	warned  warnings      // owned by the run goroutine
 
-	prober *Prober // nil without health checks
+	prober *prober // nil without health checks
 	aside  *aside  // endpoints whose dial failed
 	clock  clock   // the run loop's time: real, or a test's
 
