@@ -22,6 +22,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddypki"
 	"go.uber.org/zap"
 
+	"github.com/caddy-headless/caddy-headless/internal/poll"
 	"github.com/caddy-headless/caddy-headless/kubestore"
 	"github.com/caddy-headless/caddy-headless/kubestore/kubetest"
 )
@@ -85,10 +86,13 @@ func TestStorageK8sHoldsCaddysCertificates(t *testing.T) {
 	if _, err := reader.Load(context.Background(), "pki/authorities/local/root.crt"); err != nil {
 		t.Fatalf("the local CA's root is not in the storage: %v", err)
 	}
-	conn, err := tls.Dial("tcp", addr, &tls.Config{ServerName: "a.test", InsecureSkipVerify: true})
-	if err != nil {
-		t.Fatal(err)
-	}
+	// The Secret is written before Caddy puts the certificate in its cache:
+	// until then a handshake fails with "internal error".
+	var conn *tls.Conn
+	poll.Until(t, "Caddy serving a.test", func() bool {
+		conn, err = tls.Dial("tcp", addr, &tls.Config{ServerName: "a.test", InsecureSkipVerify: true})
+		return err == nil
+	}, func() string { return fmt.Sprintf("last handshake: %v", err) })
 	served := conn.ConnectionState().PeerCertificates[0].Raw
 	conn.Close()
 	if !strings.Contains(string(crt), "BEGIN CERTIFICATE") || !strings.Contains(string(crt), pemBody(served)) {
