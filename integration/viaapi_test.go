@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -96,6 +97,13 @@ func TestViaAPI(t *testing.T) {
 		fmt.Fprintf(&cachedRoutes, "\thandle /cached/%[1]s/* {\n\t\theadless_proxy %[1]s.%[2]s:%[3]d {\n\t\t\tresolvers %[4]s\n\t\t}\n\t}\n",
 			name, viaAPINS, port, cache)
 	}
+	// Shapes checked through the admin API only (no request goes to their
+	// addresses): 1,000 endpoints over 10 slices, a dual-stack Service, a
+	// Service without slices.
+	for _, name := range []string{"big", "dual", "ghost"} {
+		fmt.Fprintf(&cachedRoutes, "\thandle /%[1]s/* {\n\t\theadless_proxy %[1]s.%[2]s:%[3]d {\n\t\t\tvia api {\n\t\t\t\tendpoint %[4]s\n\t\t\t\tca_file %[5]s\n\t\t\t\ttoken_file %[6]s\n\t\t\t}\n\t\t}\n\t}\n",
+			name, viaAPINS, port, s.apiURL, s.caFile, token)
+	}
 	c := s.startCaddy(t, cachedRoutes.String()+fmt.Sprintf(`	handle /api/* {
 		headless_proxy %[1]s {
 			via api {
@@ -158,6 +166,85 @@ func TestViaAPI(t *testing.T) {
 			len(viaCache), percentile(viaCache, .5).Round(time.Millisecond), percentile(viaCache, .99).Round(time.Millisecond))
 		if len(viaCache) < changes {
 			t.Errorf("behind the cache: %d changes converged, want %d", len(viaCache), changes)
+		}
+	})
+
+	t.Run("Shapes", func(t *testing.T) {
+		var manifests []string
+		var want []string
+		manifests = append(manifests, headlessService(viaAPINS, "big", ports), headlessService(viaAPINS, "dual", ports), headlessService(viaAPINS, "ghost", ports))
+		for sl := range 10 {
+			var eps []endpoint
+			for i := range 100 {
+				addr := fmt.Sprintf("10.231.%d.%d", 200+sl, i+1)
+				eps = append(eps, endpoint{addr: addr, ready: true})
+				want = append(want, fmt.Sprintf("%s:%d", addr, port))
+			}
+			manifests = append(manifests, endpointSlice(viaAPINS, "big", fmt.Sprintf("big-%d", sl), "IPv4", ports, eps...))
+		}
+		manifests = append(manifests,
+			endpointSlice(viaAPINS, "dual", "dual-v4", "IPv4", ports, endpoint{addr: "10.231.210.1", ready: true}),
+			endpointSlice(viaAPINS, "dual", "dual-v6", "IPv6", ports, endpoint{addr: "fd00:231::1", ready: true}))
+		s.apply(t, manifests...)
+		slices.Sort(want) // the addresses above sort the same as text and as IPs
+		status := func(svc string) (st apiShape) {
+			if err := getJSONInto(c.admin+"/headless/"+svc+"."+viaAPINS+".svc.cluster.local:8080", &st); err != nil {
+				t.Fatal(err)
+			}
+			return st
+		}
+		if err := waitFor(20*time.Second, 100*time.Millisecond, func() error {
+			st := status("big")
+			if len(st) != 1 || len(st[0].Endpoints) != 1000 {
+				return fmt.Errorf("big: %d watchers, endpoints %d", len(st), len(st[0].Endpoints))
+			}
+			var got []string
+			for _, e := range st[0].Endpoints {
+				got = append(got, e.Address)
+			}
+			slices.Sort(got)
+			if !slices.Equal(got, want) {
+				return fmt.Errorf("big: the 1,000 endpoints are not every address of the 10 slices once")
+			}
+			return nil
+		}); err != nil {
+			t.Error(err)
+		}
+		if err := waitFor(20*time.Second, 100*time.Millisecond, func() error {
+			st := status("dual")
+			var got []string
+			for _, e := range st[0].Endpoints {
+				got = append(got, e.Address)
+			}
+			if !slices.Equal(got, []string{"10.231.210.1:8080", "[fd00:231::1]:8080"}) {
+				return fmt.Errorf("dual: endpoints %v, want both families", got)
+			}
+			return nil
+		}); err != nil {
+			t.Error(err)
+		}
+		// No slice: "no endpoints" (NXDOMAIN's meaning), and a request fails
+		// with an error naming the Service and its namespace. It has no
+		// address, so the request goes nowhere.
+		if err := waitFor(20*time.Second, 100*time.Millisecond, func() error {
+			st := status("ghost")
+			if len(st[0].Endpoints) != 0 || st[0].Status != "empty" || st[0].Outcome != "nxdomain" {
+				return fmt.Errorf("ghost: endpoints %d, status %q, outcome %q: want none, empty, nxdomain", len(st[0].Endpoints), st[0].Status, st[0].Outcome)
+			}
+			return nil
+		}); err != nil {
+			t.Error(err)
+		}
+		if r, err := s.get(cl, "/ghost/"); err != nil || r.status < 500 {
+			t.Errorf("a request to the Service without slices: %v %d, want a 5xx", err, r.status)
+		}
+		if err := waitFor(5*time.Second, 100*time.Millisecond, func() error {
+			if len(c.logLines("kubernetes.io/service-name=ghost in namespace "+viaAPINS)) == 0 {
+				return fmt.Errorf("no error in Caddy's log naming ghost and its namespace")
+			}
+			return nil
+		}); err != nil {
+			t.Error(err)
 		}
 	})
 
@@ -267,6 +354,27 @@ func TestViaAPI(t *testing.T) {
 			t.Errorf("%d outage warnings, want at most 1 for one outage", n)
 		}
 	})
+}
+
+// apiShape is what the Shapes test reads of GET /headless/<service>.
+type apiShape []struct {
+	Endpoints []struct {
+		Address string `json:"address"`
+	} `json:"endpoints"`
+	Status  string `json:"status"`
+	Outcome string `json:"outcome"`
+}
+
+func getJSONInto(url string, into any) error {
+	resp, err := http.Get(url)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	return json.NewDecoder(resp.Body).Decode(into)
 }
 
 // cachedServices is how many Services the cached path's convergence is
