@@ -191,12 +191,15 @@ func TestViaAPI(t *testing.T) {
 			if err := getJSONInto(c.admin+"/headless/"+svc+"."+viaAPINS+".svc.cluster.local:8080", &st); err != nil {
 				t.Fatal(err)
 			}
+			if len(st) != 1 {
+				t.Fatalf("GET /headless/ for %s: %d watchers, want 1", svc, len(st))
+			}
 			return st
 		}
 		if err := waitFor(20*time.Second, 100*time.Millisecond, func() error {
 			st := status("big")
-			if len(st) != 1 || len(st[0].Endpoints) != 1000 {
-				return fmt.Errorf("big: %d watchers, endpoints %d", len(st), len(st[0].Endpoints))
+			if len(st[0].Endpoints) != 1000 {
+				return fmt.Errorf("big: %d endpoints, want 1,000", len(st[0].Endpoints))
 			}
 			var got []string
 			for _, e := range st[0].Endpoints {
