@@ -353,8 +353,8 @@ func TestViaAPI(t *testing.T) {
 		if len(failed) > 0 || len(runs) < 20 {
 			t.Errorf("%d of %d requests failed while the apiserver restarted (want 0 of at least 20): %v", len(failed), len(runs), failed)
 		}
-		if n := len(c.logLines("via api: listing or watching EndpointSlices failed")); n > 1 {
-			t.Errorf("%d outage warnings, want at most 1 for one outage", n)
+		if n := len(c.logLines("via api: listing or watching EndpointSlices failed", `"service":"web.viaapi.svc.cluster.local:8080"`)); n > 1 {
+			t.Errorf("%d outage warnings for web, want at most 1 for one outage", n)
 		}
 	})
 }
