@@ -150,7 +150,7 @@ func commandLine(args []string) string {
 // mergeReport puts into old (a whole report) the sections of fresh (the
 // report of a run of some drills) and the rows of its summary table: a
 // section or row with the same title replaces the old one, a new section
-// goes before "## Storage" (or at the end), a new row at the end of the
+// goes before the sections the bench does not write (or at the end), a new row at the end of the
 // summary table. stamp is added to each merged section, to say which run it
 // is from.
 func mergeReport(old, fresh string, sections []*section, stamp string) string {
@@ -203,8 +203,8 @@ func mergeReport(old, fresh string, sections []*section, stamp string) string {
 				end = i + len(head) + j + 1
 			}
 			out = out[:i] + block + out[end:]
-		} else if i := strings.Index(out, "\n## Storage"); i >= 0 {
-			out = out[:i+1] + block + out[i+1:]
+		} else if i := notFromBench(out); i >= 0 {
+			out = out[:i] + block + out[i:]
 		} else {
 			out = strings.TrimRight(out, "\n") + "\n\n" + block
 		}
@@ -299,3 +299,21 @@ func ratio(v, base float64) string {
 }
 
 func mib(v float64) string { return fmt.Sprintf("%.1f MiB", v) }
+
+// notFromBench is where the sections the bench does not write begin in a
+// report (those after the drills' numbered ones and the summary: "## `via
+// api` on kube-apiserver", "## Storage: …", measured by tests), or -1.
+func notFromBench(report string) int {
+	for i := 0; ; {
+		j := strings.Index(report[i:], "\n## ")
+		if j < 0 {
+			return -1
+		}
+		start := i + j + 1
+		title := report[start+3:]
+		if title != "" && (title[0] < '0' || title[0] > '9') && !strings.HasPrefix(title, "Summary") {
+			return start
+		}
+		i = start
+	}
+}

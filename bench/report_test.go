@@ -38,3 +38,16 @@ func TestMergeReport(t *testing.T) {
 		t.Errorf("merged:\n%s\nwant:\n%s", got, want)
 	}
 }
+
+// A whole run rewrites the drills and keeps the sections measured by tests,
+// after the numbered ones.
+func TestNotFromBench(t *testing.T) {
+	report := "# B\n\n## Summary\n\nx\n\n## 1. first\n\na\n\n## 9. ninth\n\nb\n\n## `via api` on kube-apiserver\n\nc\n\n## Storage: x\n\nd\n"
+	i := notFromBench(report)
+	if i < 0 || report[i:] != "## `via api` on kube-apiserver\n\nc\n\n## Storage: x\n\nd\n" {
+		t.Fatalf("notFromBench = %d (%q)", i, report[max(i, 0):])
+	}
+	if i := notFromBench("# B\n\n## Summary\n\n## 1. a\n"); i != -1 {
+		t.Fatalf("a report of drills only: %d, want -1", i)
+	}
+}
