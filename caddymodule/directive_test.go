@@ -37,9 +37,41 @@ const goldenSep = "\n----------\n"
 // Caddyfile, a "----------" line, then either the JSON it adapts to or, for
 // files named error_*, the error it must fail with (file:line included).
 func TestCaddyfileAdapt(t *testing.T) {
-	files, err := filepath.Glob("testdata/caddyfile_adapt/*.caddyfiletest")
+	eachGolden(t, "testdata/caddyfile_adapt", func(t *testing.T, file, name, input, want string) {
+		got, err := adaptCaddyfile(input)
+		if strings.HasPrefix(name, "error_") {
+			if err == nil {
+				t.Fatalf("adapted without error, want %q; got:\n%s", want, got)
+			}
+			got = err.Error()
+			if *updateGolden {
+				writeGolden(t, file, input, got)
+				return
+			}
+			if !strings.Contains(got, want) {
+				t.Fatalf("error\n  got:  %s\n  want: %s", got, want)
+			}
+			return
+		}
+		if err != nil {
+			t.Fatalf("adapt: %v", err)
+		}
+		if *updateGolden {
+			writeGolden(t, file, input, got)
+			return
+		}
+		if got != want {
+			t.Fatalf("adapted JSON differs from %s (go test -run TestCaddyfileAdapt -update-golden rewrites it):\n%s", file, lineDiff(want, got))
+		}
+	})
+}
+
+// eachGolden runs check as a subtest for every *.caddyfiletest in dir, with
+// the file's Caddyfile part (input) and its expected part (want, trimmed).
+func eachGolden(t *testing.T, dir string, check func(t *testing.T, file, name, input, want string)) {
+	files, err := filepath.Glob(filepath.Join(dir, "*.caddyfiletest"))
 	if err != nil || len(files) == 0 {
-		t.Fatalf("no golden files: %v", err)
+		t.Fatalf("no golden files in %s: %v", dir, err)
 	}
 	for _, file := range files {
 		name := strings.TrimSuffix(filepath.Base(file), ".caddyfiletest")
@@ -52,32 +84,7 @@ func TestCaddyfileAdapt(t *testing.T) {
 			if !ok {
 				t.Fatalf("%s: no %q separator line", file, strings.TrimSpace(goldenSep))
 			}
-			want = strings.TrimSpace(want)
-			got, err := adaptCaddyfile(input)
-			if strings.HasPrefix(name, "error_") {
-				if err == nil {
-					t.Fatalf("adapted without error, want %q; got:\n%s", want, got)
-				}
-				got = err.Error()
-				if *updateGolden {
-					writeGolden(t, file, input, got)
-					return
-				}
-				if !strings.Contains(got, want) {
-					t.Fatalf("error\n  got:  %s\n  want: %s", got, want)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatalf("adapt: %v", err)
-			}
-			if *updateGolden {
-				writeGolden(t, file, input, got)
-				return
-			}
-			if got != want {
-				t.Fatalf("adapted JSON differs from %s (go test -run TestCaddyfileAdapt -update-golden rewrites it):\n%s", file, lineDiff(want, got))
-			}
+			check(t, file, name, input, strings.TrimSpace(want))
 		})
 	}
 }

@@ -2,8 +2,6 @@ package caddymodule
 
 import (
 	"encoding/json"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -17,40 +15,25 @@ import (
 // beside a `dynamic headless` source. The configs name a loopback resolver,
 // and validating asks no DNS.
 func TestCaddyfileProvisionErrors(t *testing.T) {
-	files, err := filepath.Glob("testdata/caddyfile_provision/*.caddyfiletest")
-	if err != nil || len(files) == 0 {
-		t.Fatalf("no golden files: %v", err)
-	}
-	for _, file := range files {
-		t.Run(strings.TrimSuffix(filepath.Base(file), ".caddyfiletest"), func(t *testing.T) {
-			raw, err := os.ReadFile(file)
-			if err != nil {
-				t.Fatal(err)
-			}
-			input, want, ok := strings.Cut(string(raw), goldenSep)
-			if !ok {
-				t.Fatalf("%s: no %q separator line", file, strings.TrimSpace(goldenSep))
-			}
-			want = strings.TrimSpace(want)
-			out, err := adaptCaddyfile(input)
-			if err != nil {
-				t.Fatalf("adapt: %v", err)
-			}
-			var cfg caddy.Config
-			if err := json.Unmarshal([]byte(out), &cfg); err != nil {
-				t.Fatal(err)
-			}
-			err = caddy.Validate(&cfg)
-			if err == nil {
-				t.Fatalf("validated without error, want %q", want)
-			}
-			if *updateGolden {
-				writeGolden(t, file, input, err.Error())
-				return
-			}
-			if !strings.Contains(err.Error(), want) {
-				t.Fatalf("error\n  got:  %s\n  want: %s", err, want)
-			}
-		})
-	}
+	eachGolden(t, "testdata/caddyfile_provision", func(t *testing.T, file, _, input, want string) {
+		out, err := adaptCaddyfile(input)
+		if err != nil {
+			t.Fatalf("adapt: %v", err)
+		}
+		var cfg caddy.Config
+		if err := json.Unmarshal([]byte(out), &cfg); err != nil {
+			t.Fatal(err)
+		}
+		err = caddy.Validate(&cfg)
+		if err == nil {
+			t.Fatalf("validated without error, want %q", want)
+		}
+		if *updateGolden {
+			writeGolden(t, file, input, err.Error())
+			return
+		}
+		if !strings.Contains(err.Error(), want) {
+			t.Fatalf("error\n  got:  %s\n  want: %s", err, want)
+		}
+	})
 }

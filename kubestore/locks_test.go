@@ -88,6 +88,22 @@ func TestOutageDoesNotCountAsStaleness(t *testing.T) {
 	}
 }
 
+// leftByDeadHolder has gone take lock "l" and then lose its Lease to
+// "dead/1", a holder nobody renews it for; it returns the Lease's name.
+func leftByDeadHolder(t *testing.T, api *kubetest.API, gone *kubestore.Storage) string {
+	t.Helper()
+	ctx := context.Background()
+	if err := gone.Lock(ctx, "l"); err != nil {
+		t.Fatal(err)
+	}
+	lease := api.LeaseNames("caddy")[0]
+	api.Mutate("caddy", "leases", lease, func(o map[string]any) { o["spec"].(map[string]any)["holderIdentity"] = "dead/1" })
+	if err := gone.Unlock(ctx, "l"); !errors.Is(err, kubestore.ErrLockLost) {
+		t.Fatalf("Unlock of a lock taken by dead/1: %v, want ErrLockLost", err)
+	}
+	return lease
+}
+
 // TestTakeoverRaceHasOneWinner: a Lease is left by a holder that is gone.
 // As this replica takes it over, another replica's takeover lands first.
 // The takeover carries the resourceVersion it read, so this one gets 409
@@ -95,15 +111,7 @@ func TestOutageDoesNotCountAsStaleness(t *testing.T) {
 func TestTakeoverRaceHasOneWinner(t *testing.T) {
 	api, cfg, clk, gone, waiter := twoReplicas(t, nil)
 	ctx := context.Background()
-	if err := gone.Lock(ctx, "l"); err != nil {
-		t.Fatal(err)
-	}
-	lease := api.LeaseNames("caddy")[0]
-	// The Lease now names a holder nobody renews it for.
-	api.Mutate("caddy", "leases", lease, func(o map[string]any) { o["spec"].(map[string]any)["holderIdentity"] = "dead/1" })
-	if err := gone.Unlock(ctx, "l"); !errors.Is(err, kubestore.ErrLockLost) {
-		t.Fatalf("Unlock of a lock taken by dead/1: %v, want ErrLockLost", err)
-	}
+	lease := leftByDeadHolder(t, api, gone)
 	var mu sync.Mutex
 	raced := false
 	api.BeforeRequest(func(verb, resource, name string) {
@@ -150,14 +158,7 @@ func TestTakeoverRaceHasOneWinner(t *testing.T) {
 func TestLockTakesOverAfterLeaseDuration(t *testing.T) {
 	api, cfg, clk, gone, waiter := twoReplicas(t, nil)
 	ctx := context.Background()
-	if err := gone.Lock(ctx, "l"); err != nil {
-		t.Fatal(err)
-	}
-	lease := api.LeaseNames("caddy")[0]
-	api.Mutate("caddy", "leases", lease, func(o map[string]any) { o["spec"].(map[string]any)["holderIdentity"] = "dead/1" })
-	if err := gone.Unlock(ctx, "l"); !errors.Is(err, kubestore.ErrLockLost) {
-		t.Fatalf("Unlock of a lock taken by dead/1: %v, want ErrLockLost", err)
-	}
+	lease := leftByDeadHolder(t, api, gone)
 	done := make(chan error, 1)
 	go func() { done <- waiter.Lock(ctx, "l") }()
 	var unchanged time.Duration
