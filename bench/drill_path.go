@@ -16,6 +16,7 @@ var (
 	reBench     = regexp.MustCompile(`^BenchmarkGetUpstreams/source=([\w-]+)/endpoints=(\d+)(?:-\d+)?\s+\d+\s+(.*)$`)
 	reProxyPath = regexp.MustCompile(`^BenchmarkProxyPath/source=([\w-]+)/policy=(\w+)/endpoints=(\d+)(?:-\d+)?\s+\d+\s+(.*)$`)
 	rePaired    = regexp.MustCompile(`^BenchmarkProxyPathPaired/policy=(\w+)(?:-\d+)?\s+\d+\s+(.*)$`)
+	reSplit     = regexp.MustCompile(`^BenchmarkSplitPaired/policy=(\w+)(?:-\d+)?\s+\d+\s+(.*)$`)
 )
 
 func drillPath(ctx context.Context, h *harness) (*section, error) {
@@ -23,7 +24,7 @@ func drillPath(ctx context.Context, h *harness) (*section, error) {
 	if h.quick {
 		count, benchtime = "1", "50ms"
 	}
-	args := []string{"test", "-run", "^$", "-bench", "BenchmarkGetUpstreams|BenchmarkProxyPath", "-benchmem", "-count", count, "-benchtime", benchtime, "./caddymodule/"}
+	args := []string{"test", "-run", "^$", "-bench", "BenchmarkGetUpstreams|BenchmarkProxyPath|BenchmarkSplitPaired", "-benchmem", "-count", count, "-benchtime", benchtime, "./caddymodule/"}
 	out, err := exec.CommandContext(ctx, "go", args...).CombinedOutput()
 	if err != nil {
 		return nil, fmt.Errorf("go %s: %v\n%s", strings.Join(args, " "), err, out)
@@ -31,6 +32,7 @@ func drillPath(ctx context.Context, h *harness) (*section, error) {
 	runs := map[string]map[string][]float64{}   // "headless/1000" → unit → values
 	full := map[string]map[string][]float64{}   // BenchmarkProxyPath: "headless/random/1000" → unit → values
 	paired := map[string]map[string][]float64{} // BenchmarkProxyPathPaired: "random" → ratio → values
+	split := map[string]map[string][]float64{}  // BenchmarkSplitPaired: "random" → ratio or ns/req-… → values
 	for _, line := range strings.Split(string(out), "\n") {
 		line = strings.TrimSpace(line)
 		into, key, rest := runs, "", ""
@@ -40,6 +42,8 @@ func drillPath(ctx context.Context, h *harness) (*section, error) {
 			into, key, rest = full, m[1]+"/"+m[2]+"/"+m[3], m[4]
 		} else if m := rePaired.FindStringSubmatch(line); m != nil {
 			into, key, rest = paired, m[1], m[2]
+		} else if m := reSplit.FindStringSubmatch(line); m != nil {
+			into, key, rest = split, m[1], m[2]
 		} else {
 			continue
 		}
@@ -97,6 +101,17 @@ func drillPath(ctx context.Context, h *harness) (*section, error) {
 		m := paired[pol]
 		pr.add(pol, spread(m["ours/static@1"]), spread(m["ours/static@1000"]), spread(m["ours@1000/ours@1"]))
 	}
+	if len(split) == 0 {
+		return nil, fmt.Errorf("no BenchmarkSplitPaired results in:\n%s", out)
+	}
+	sp := &table{header: []string{"lb_policy", "split / one Service, 1 endpoint each", "split / one Service, 1,000 endpoints each",
+		"split at 1,000 / split at 1", "ns per request: one Service / split, at 1", "at 1,000"}}
+	for _, pol := range []string{"random", "round_robin", "ip_hash"} {
+		m := split[pol]
+		sp.add(pol, spread(m["split/single@1"]), spread(m["split/single@1000"]), spread(m["split@1000/split@1"]),
+			fmt.Sprintf("%.0f / %.0f", median(m["ns/req-single@1"]), median(m["ns/req-split@1"])),
+			fmt.Sprintf("%.0f / %.0f", median(m["ns/req-single@1000"]), median(m["ns/req-split@1000"])))
+	}
 	return &section{
 		intro: fmt.Sprintf("`BenchmarkGetUpstreams` (caddymodule/bench_test.go): the cost of one `GetUpstreams` call on a warm "+
 			"cache, ours against Caddy's `dynamic a`, both pointed at the same in-process DNS server. `BenchmarkProxyPath`: "+
@@ -104,7 +119,7 @@ func drillPath(ctx context.Context, h *harness) (*section, error) {
 			"upstream, the lb_policy, headers, the response) in front of a transport that answers without a network, for static "+
 			"upstreams, ours and `dynamic a`, under five lb_policy choices. Median of %s runs:\n\n"+
 			"    go %s", count, strings.Join(args, " ")),
-		tables: []*table{t, pp, pr},
+		tables: []*table{t, pp, pr, sp},
 		notes: []string{"`BenchmarkGetUpstreams` with no reverse_proxy handler above the source: ours hands out every endpoint there, as under a " +
 			"hashing policy, so this table shows what a full list costs. Both hand Caddy fresh `*Upstream` copies on every call (Caddy writes into them), so the cost " +
 			"grows with the number of endpoints for both; ours allocates them as one block. `dynamic a` stops at what " +
@@ -119,7 +134,12 @@ func drillPath(ctx context.Context, h *harness) (*section, error) {
 				"static and ours at 1 and at 1,000 endpoints, in a rotating order, and times each, so all four see the same load; " +
 				"median (min–max) of the runs' ratios. Under `round_robin` and `first` static upstreams cost the same at any N (Caddy " +
 				"picks from a counter or the front, with no per-request provisioning), so ours stays at its constant dynamic-path " +
-				"cost over static there, as at 1 endpoint; under `random` and `least_conn` static scans every upstream and ours does not."},
+				"cost over static there, as at 1 endpoint; under `random` and `least_conn` static scans every upstream and ours does not.",
+			"`BenchmarkSplitPaired` (the fourth table, caddymodule/split_bench_test.go): a split between two Services (`weights 50 50`) " +
+				"against one Service, paired the same way (four handlers: one Service and the split, at 1 and at 1,000 endpoints per Service). " +
+				"A request first draws its Service, then gets candidates of that Service only, so under the sampled policies the split " +
+				"costs what one Service costs and does not grow with the endpoints; under `ip_hash` both hand out every endpoint of the " +
+				"chosen Service, as hashing needs."},
 	}, nil
 }
 
