@@ -130,8 +130,8 @@ type Headless struct {
 	// request does not grow with the Service: under the lb_policy random,
 	// random_choose, least_conn (distinct endpoints drawn at random),
 	// round_robin (a window that rotates over all of them) and first (the
-	// first ones). The hashing, cookie and weighted_round_robin policies
-	// always get every endpoint, as does a retry. -1 hands every endpoint to
+	// first ones). The hashing and cookie policies always get every
+	// endpoint, as does a retry (weighted_round_robin is refused). -1 hands every endpoint to
 	// every request (sampling off). Default: 2 (random_choose: its choose),
 	// 8 when the handler marks endpoints down itself (passive health checks,
 	// a circuit breaker): with a fraction f of them marked down, a request
