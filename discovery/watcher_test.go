@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-headless/caddy-headless/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/internal/clock/clocktest"
 	"github.com/caddy-headless/caddy-headless/internal/poll"
 )
 
@@ -247,7 +248,7 @@ func TestWatcherKickIsRateLimited(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	clk := newFakeClock()
+	clk := clocktest.NewFake()
 	w := New(Config{Service: svc, IPv4: true, Resolver: &Resolver{Servers: []string{srv.Addr}},
 		RefreshMin: time.Hour, RefreshMax: time.Hour}, nil)
 	w.clock = clk
@@ -262,7 +263,7 @@ func TestWatcherKickIsRateLimited(t *testing.T) {
 		for range 100 {
 			w.Refresh()
 		}
-		poll.Until(t, "the loop to take a kick", func() bool { return clk.armedAt(gapEnd) || w.started.Load() > round })
+		poll.Until(t, "the loop to take a kick", func() bool { return clk.ArmedAt(gapEnd) || w.started.Load() > round })
 		for range 100 {
 			w.Refresh()
 		}
