@@ -282,6 +282,42 @@ func TestWatcherKickIsRateLimited(t *testing.T) {
 	}
 }
 
+// A kick within the gap is served by the timer the loop arms for the gap's
+// end, with no further kick. TestWatcherKickIsRateLimited cannot show this:
+// of its bursts, a kick already handed to the loop may be looked at only
+// after the test moved the clock, and start the lookup itself. Here exactly
+// one kick is sent, when the loop waits for its next refresh, and the test
+// moves the clock only once the loop has armed the gap's timer.
+func TestWatcherKickInTheGapIsServedAtItsEnd(t *testing.T) {
+	srv := dnstest.Start(t, bbsZone)
+	svc, err := ParseService("frontend:8001", Defaults{Namespace: "bbs"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	clk := clocktest.NewFake()
+	w := New(Config{Service: svc, IPv4: true, Resolver: &Resolver{Servers: []string{srv.Addr}},
+		RefreshMin: time.Hour, RefreshMax: time.Hour}, nil)
+	w.clock = clk
+	w.Run()
+	t.Cleanup(w.Stop)
+	for round := uint64(1); round <= 3; round++ {
+		var s *Snapshot
+		poll.Until(t, "the loop to wait for the next refresh", func() bool {
+			s = w.Snapshot()
+			return s != nil && s.Seq == round && clk.ArmedAt(s.Next)
+		})
+		gapEnd := clk.Now().Add(minKickGap) // the clock has not moved since the lookup started
+		w.Refresh()
+		poll.Until(t, "the loop to arm its timer for the end of the gap", func() bool { return clk.ArmedAt(gapEnd) })
+		clk.Advance(minKickGap - time.Nanosecond)
+		if n := w.started.Load(); n != round {
+			t.Fatalf("round %d: a lookup started 1ns before the gap ended", round)
+		}
+		clk.Advance(time.Nanosecond)
+		poll.Until(t, "the timer to start the requested lookup at the end of the gap", func() bool { return w.Snapshot().Seq == round+1 })
+	}
+}
+
 // With every lookup hanging (a muted server, an attempt timeout of an hour),
 // Stop cancels the lookups in flight and leaves no goroutine behind.
 func TestWatcherStopLeavesNoGoroutine(t *testing.T) {
