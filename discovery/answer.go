@@ -179,7 +179,9 @@ func (r *Resolver) lookupSRV(ctx context.Context, svc Service, types []uint16, r
 		if port, ok := endpointNamesOnOnePort(bare, svc.FQDN); ok {
 			err := r.askFamilies(ctx, svc.FQDN, types, res, nil, func(t uint16, m *dns.Msg) {
 				ips, tttl, _ := addresses(m, svc.FQDN, t, &res.Dropped)
-				res.TTL = minTTL(res.TTL, tttl)
+				if len(ips) > 0 { // a NODATA for the other family does not shorten it
+					res.TTL = minTTL(res.TTL, tttl)
+				}
 				for _, ip := range ips {
 					eps = append(eps, Endpoint{IP: ip, Port: port})
 				}

@@ -1,6 +1,7 @@
 package discovery
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -261,21 +262,25 @@ web-1.web.bbs.svc.cluster.local. 30 IN A 10.1.0.10
 		failAAAA string // a name whose AAAA question gets SERVFAIL
 		// want: dial addresses (each with its SRV target, if any), or the error.
 		want    string
+		zone    string // instead of the dual-stack zone
 		ttl     time.Duration
 		queries int
 	}{
 		// web-1 has no AAAA record: its NODATA does not shorten the TTL.
 		{"one by one", []string{"web-0.web.bbs.svc.cluster.local.", "web-1.web.bbs.svc.cluster.local."}, "",
 			"10.1.0.9:8080/web-0.web.bbs.svc.cluster.local. 10.1.0.10:8080/web-1.web.bbs.svc.cluster.local. [fd00::9]:8080/web-0.web.bbs.svc.cluster.local.",
-			20 * time.Second, 5},
+			"", 20 * time.Second, 5},
 		{"one by one, AAAA fails", []string{"web-0.web.bbs.svc.cluster.local."}, "web-0.web.bbs.svc.cluster.local.",
-			"SRV target web-0.web.bbs.svc.cluster.local of _http._tcp.web.bbs.svc.cluster.local: ", 0, 3},
-		{"names fallback", many, "", "10.1.0.9:8080/ [fd00::9]:8080/", 20 * time.Second, 3},
+			"SRV target web-0.web.bbs.svc.cluster.local of _http._tcp.web.bbs.svc.cluster.local: ", "", 0, 3},
+		{"names fallback", many, "", "10.1.0.9:8080/ [fd00::9]:8080/", "", 20 * time.Second, 3},
 		{"names fallback, AAAA fails", many, "web.bbs.svc.cluster.local.",
-			"addresses of web.bbs.svc.cluster.local for SRV targets without glue: ", 0, 3},
+			"addresses of web.bbs.svc.cluster.local for SRV targets without glue: ", "", 0, 3},
+		// An IPv4-only Service: the AAAA NODATA (negative TTL 5 s) does not
+		// shorten the TTL, as for targets looked up one by one.
+		{"names fallback, IPv4 only", many, "", "10.1.0.9:8080/", "web.bbs.svc.cluster.local. 30 IN A 10.1.0.9\n", 30 * time.Second, 3},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			srv := dnstest.Start(t, zone)
+			srv := dnstest.Start(t, cmp.Or(tc.zone, zone))
 			srv.Hook(func(w dns.ResponseWriter, q *dns.Msg) bool {
 				m := new(dns.Msg)
 				switch question := q.Question[0]; {

@@ -12,13 +12,14 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-headless/caddy-headless/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/internal/clock"
 	"github.com/caddy-headless/caddy-headless/internal/poll"
 )
 
 // panickyClock is the real clock, except that Now panics once when armed:
 // a bug inside the refresh loop, on purpose.
 type panickyClock struct {
-	realClock
+	clock.Real
 	armed atomic.Bool
 }
 

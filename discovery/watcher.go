@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-headless/caddy-headless/internal/clock"
 )
 
 // Config is everything a Watcher needs. Configs with equal Keys ask the same
@@ -179,9 +181,9 @@ type Watcher struct {
 	started atomic.Uint64 // Seq of the newest lookup started
 	warned  warnings      // owned by the run goroutine
 
-	prober *prober // nil without health checks
-	aside  *aside  // endpoints whose dial failed
-	clock  clock   // the run loop's time: real, or a test's
+	prober *prober     // nil without health checks
+	aside  *aside      // endpoints whose dial failed
+	clock  clock.Clock // the run loop's time: real, or one a test moves (TestWatcherKickIsRateLimited)
 
 	running atomic.Bool // set when begin started the run goroutine
 
@@ -223,7 +225,7 @@ func New(cfg Config, logger *zap.Logger) *Watcher {
 	w := &Watcher{
 		cfg:       cfg,
 		coin:      rand.Float64,
-		clock:     realClock{},
+		clock:     clock.Real{},
 		kick:      make(chan struct{}, 1),
 		cancel:    cancel,
 		done:      make(chan struct{}),
@@ -485,29 +487,6 @@ func (w *Watcher) loop(ctx context.Context, first time.Duration) (ended bool) {
 		timer.Reset(s.Next.Sub(now))
 	}
 }
-
-// clock is the run loop's time. Tests drive it (TestWatcherKickIsRateLimited)
-// so that the kick rate limit is checked without measuring real time.
-type clock interface {
-	Now() time.Time
-	NewTimer(d time.Duration) loopTimer
-}
-
-// loopTimer is the part of *time.Timer the run loop uses.
-type loopTimer interface {
-	C() <-chan time.Time
-	Stop() bool
-	Reset(d time.Duration) bool
-}
-
-type realClock struct{}
-
-func (realClock) Now() time.Time                     { return time.Now() }
-func (realClock) NewTimer(d time.Duration) loopTimer { return realTimer{time.NewTimer(d)} }
-
-type realTimer struct{ *time.Timer }
-
-func (t realTimer) C() <-chan time.Time { return t.Timer.C }
 
 // A cluster is mostly single-stack: asking A and AAAA every second for each
 // Service, half the answers would be NODATA forever. While the last answer

@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-headless/caddy-headless/discovery/dnstest"
+	"github.com/caddy-headless/caddy-headless/internal/clock/clocktest"
 	"github.com/caddy-headless/caddy-headless/internal/poll"
 )
 
@@ -247,7 +248,7 @@ func TestWatcherKickIsRateLimited(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	clk := newFakeClock()
+	clk := clocktest.NewFake()
 	w := New(Config{Service: svc, IPv4: true, Resolver: &Resolver{Servers: []string{srv.Addr}},
 		RefreshMin: time.Hour, RefreshMax: time.Hour}, nil)
 	w.clock = clk
@@ -262,7 +263,7 @@ func TestWatcherKickIsRateLimited(t *testing.T) {
 		for range 100 {
 			w.Refresh()
 		}
-		poll.Until(t, "the loop to take a kick", func() bool { return clk.armedAt(gapEnd) || w.started.Load() > round })
+		poll.Until(t, "the loop to take a kick", func() bool { return clk.ArmedAt(gapEnd) || w.started.Load() > round })
 		for range 100 {
 			w.Refresh()
 		}
@@ -278,6 +279,42 @@ func TestWatcherKickIsRateLimited(t *testing.T) {
 		if n := w.started.Load(); n != round+1 {
 			t.Fatalf("round %d: %d lookups after the gap; want exactly one for all the kicks", round, n-round)
 		}
+	}
+}
+
+// A kick within the gap is served by the timer the loop arms for the gap's
+// end, with no further kick. TestWatcherKickIsRateLimited cannot show this:
+// of its bursts, a kick already handed to the loop may be looked at only
+// after the test moved the clock, and start the lookup itself. Here exactly
+// one kick is sent, when the loop waits for its next refresh, and the test
+// moves the clock only once the loop has armed the gap's timer.
+func TestWatcherKickInTheGapIsServedAtItsEnd(t *testing.T) {
+	srv := dnstest.Start(t, bbsZone)
+	svc, err := ParseService("frontend:8001", Defaults{Namespace: "bbs"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	clk := clocktest.NewFake()
+	w := New(Config{Service: svc, IPv4: true, Resolver: &Resolver{Servers: []string{srv.Addr}},
+		RefreshMin: time.Hour, RefreshMax: time.Hour}, nil)
+	w.clock = clk
+	w.Run()
+	t.Cleanup(w.Stop)
+	for round := uint64(1); round <= 3; round++ {
+		var s *Snapshot
+		poll.Until(t, "the loop to wait for the next refresh", func() bool {
+			s = w.Snapshot()
+			return s != nil && s.Seq == round && clk.ArmedAt(s.Next)
+		})
+		gapEnd := clk.Now().Add(minKickGap) // the clock has not moved since the lookup started
+		w.Refresh()
+		poll.Until(t, "the loop to arm its timer for the end of the gap", func() bool { return clk.ArmedAt(gapEnd) })
+		clk.Advance(minKickGap - time.Nanosecond)
+		if n := w.started.Load(); n != round {
+			t.Fatalf("round %d: a lookup started 1ns before the gap ended", round)
+		}
+		clk.Advance(time.Nanosecond)
+		poll.Until(t, "the timer to start the requested lookup at the end of the gap", func() bool { return w.Snapshot().Seq == round+1 })
 	}
 }
 

@@ -1,32 +1,19 @@
 package kubestore
 
-import "time"
+import (
+	"time"
 
-// Clock is the time a Storage measures Leases by and waits on: how long a
-// Lease has gone unchanged, the poll of a waiting Lock, the heartbeat of a
-// held one. The real clock is the default; its readings are monotonic, so
-// a step of the wall clock expires no lock. Tests pass one they move by
-// hand, instead of sleeping through lease durations (client-go's leader
-// election takes a clock for the same reason).
-type Clock interface {
-	Now() time.Time
-	NewTimer(d time.Duration) Timer
-}
+	"github.com/caddy-headless/caddy-headless/internal/clock"
+)
 
-// Timer is the part of *time.Timer a Storage uses.
-type Timer interface {
-	C() <-chan time.Time
-	Stop() bool
-}
+// Clock is the clock of Config.Clock: the one internal/clock defines for
+// every background loop of the plugin, named here so that callers outside
+// the module can pass one.
+type Clock = clock.Clock
 
-type realClock struct{}
-
-func (realClock) Now() time.Time                 { return time.Now() }
-func (realClock) NewTimer(d time.Duration) Timer { return realTimer{time.NewTimer(d)} }
-
-type realTimer struct{ *time.Timer }
-
-func (t realTimer) C() <-chan time.Time { return t.Timer.C }
+// Timer is what a Clock's NewTimer returns: the part of *time.Timer a
+// Storage uses.
+type Timer = clock.Timer
 
 // wait waits d on c, and reports false if done was closed first.
 func wait(c Clock, d time.Duration, done <-chan struct{}) bool {

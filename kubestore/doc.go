@@ -12,5 +12,8 @@
 //   - names.go: keys and lock names → valid, injective object names and labels
 //   - storage.go: Store, Load, Delete, Exists, List, Stat
 //   - locks.go: Lock, TryLock, Unlock on Leases with a heartbeat
+//   - pki.go: Caddy's local CA on shared storage: a key pair loaded only
+//     complete, and written by one replica under the pair's Lease
+//   - clock.go: the clock the locks wait on (internal/clock; tests move it)
 //   - metrics.go: the caddy_headless_storage_* metrics
 package kubestore

@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/caddy-headless/caddy-headless/internal/clock/clocktest"
 	"github.com/caddy-headless/caddy-headless/internal/poll"
 	"github.com/caddy-headless/caddy-headless/kubestore"
 	"github.com/caddy-headless/caddy-headless/kubestore/kubetest"
@@ -23,7 +24,7 @@ import (
 func TestLostLockIsLoggedAndNotFreed(t *testing.T) {
 	api := kubetest.New(t, "caddy")
 	core, logs := observer.New(zap.InfoLevel)
-	clk := newFakeClock()
+	clk := clocktest.NewFake()
 	cfg := api.Config("caddy")
 	cfg.Clock = clk
 	s := mustNew(t, cfg, zap.New(core))
@@ -32,7 +33,7 @@ func TestLostLockIsLoggedAndNotFreed(t *testing.T) {
 	if err := s.Lock(ctx, lock); err != nil {
 		t.Fatal(err)
 	}
-	clk.waitArmed(t, 1) // the heartbeat
+	clk.WaitArmed(t, 1) // the heartbeat
 	leases := api.LeaseNames("caddy")
 	if len(leases) != 1 {
 		t.Fatalf("Leases after one Lock: %q", leases)
@@ -68,7 +69,7 @@ func TestOutageDoesNotCountAsStaleness(t *testing.T) {
 	if err := holder.Lock(ctx, "l"); err != nil {
 		t.Fatal(err)
 	}
-	clk.waitArmed(t, 1) // the heartbeat
+	clk.WaitArmed(t, 1) // the heartbeat
 	if ok, err := waiter.TryLock(ctx, "l"); ok || err != nil {
 		t.Fatalf("TryLock of a live lock = %v, %v", ok, err)
 	}
@@ -77,7 +78,7 @@ func TestOutageDoesNotCountAsStaleness(t *testing.T) {
 		if ok, _ := waiter.TryLock(ctx, "l"); ok {
 			t.Fatal("TryLock succeeded while the apiserver was down")
 		}
-		clk.step(t, 100*time.Millisecond) // the holder's renewals fail meanwhile
+		clk.Step(t, 100*time.Millisecond) // the holder's renewals fail meanwhile
 	}
 	api.SetDown(false)
 	if ok, err := waiter.TryLock(ctx, "l"); ok || err != nil {
@@ -168,7 +169,7 @@ func TestLockTakesOverAfterLeaseDuration(t *testing.T) {
 		}
 		// Lock has read the Lease and waits for its next poll, or has
 		// taken the lock (and its heartbeat waits).
-		clk.waitArmed(t, 1)
+		clk.WaitArmed(t, 1)
 		if api.LeaseHolder("caddy", lease) != "dead/1" {
 			break
 		}
@@ -199,14 +200,14 @@ func TestHeldLockOutlivesTheLockContext(t *testing.T) {
 	if err := holder.Lock(lockCtx, "issue_cert_long.example.com"); err != nil {
 		t.Fatal(err)
 	}
-	clk.waitArmed(t, 1) // the heartbeat
+	clk.WaitArmed(t, 1) // the heartbeat
 	cancel()
 	ctx := context.Background()
 	for waited := time.Duration(0); waited < cfg.LeaseDuration*3/2+500*time.Millisecond; waited += 50 * time.Millisecond {
 		if ok, err := waiter.TryLock(ctx, "issue_cert_long.example.com"); ok || err != nil {
 			t.Fatalf("TryLock after the holder's Lock context ended = %v, %v: the heartbeat stopped with the context", ok, err)
 		}
-		clk.step(t, 50*time.Millisecond)
+		clk.Step(t, 50*time.Millisecond)
 	}
 	if err := holder.Unlock(ctx, "issue_cert_long.example.com"); err != nil {
 		t.Fatalf("Unlock: %v", err)
@@ -251,12 +252,12 @@ func TestWallClockStepsDoNotExpireLocks(t *testing.T) {
 	if err := holder.Lock(ctx, "l"); err != nil {
 		t.Fatal(err)
 	}
-	clk.waitArmed(t, 1) // the heartbeat
+	clk.WaitArmed(t, 1) // the heartbeat
 	for waited := time.Duration(0); waited < cfg.LeaseDuration*3/2; waited += cfg.PollInterval {
 		if ok, err := waiter.TryLock(ctx, "l"); ok || err != nil {
 			t.Fatalf("TryLock of a live lock by a replica whose wall clock steps = %v, %v", ok, err)
 		}
-		clk.step(t, cfg.PollInterval)
+		clk.Step(t, cfg.PollInterval)
 	}
 	if err := holder.Unlock(ctx, "l"); err != nil {
 		t.Fatal(err)
@@ -298,10 +299,10 @@ func TestTryLockDoesNotWait(t *testing.T) {
 // twoReplicas starts a fake apiserver and two storages on it, replica-a and
 // waiter, on one fake clock (edit, if set, changes the waiter's config);
 // cfg is replica-a's.
-func twoReplicas(t *testing.T, edit func(*kubestore.Config)) (api *kubetest.API, cfg kubestore.Config, clk *fakeClock, first, second *kubestore.Storage) {
+func twoReplicas(t *testing.T, edit func(*kubestore.Config)) (api *kubetest.API, cfg kubestore.Config, clk *clocktest.Fake, first, second *kubestore.Storage) {
 	t.Helper()
 	api = kubetest.New(t, "caddy")
-	clk = newFakeClock()
+	clk = clocktest.NewFake()
 	cfg = api.Config("caddy")
 	cfg.Clock = clk
 	first = mustNew(t, cfg, nil)
@@ -318,7 +319,7 @@ func twoReplicas(t *testing.T, edit func(*kubestore.Config)) (api *kubetest.API,
 // the lock stays held, and another replica cannot take it.
 func TestHeartbeatSurvivesAPanic(t *testing.T) {
 	api := kubetest.New(t, "caddy")
-	clk := newFakeClock()
+	clk := clocktest.NewFake()
 	cfg := api.Config("caddy")
 	cfg.Clock = clk
 	var panicNext atomic.Bool
@@ -337,9 +338,9 @@ func TestHeartbeatSurvivesAPanic(t *testing.T) {
 	if err := holder.Lock(ctx, "issue_cert_panic.example.com"); err != nil {
 		t.Fatal(err)
 	}
-	clk.waitArmed(t, 1) // the heartbeat
+	clk.WaitArmed(t, 1) // the heartbeat
 	panicNext.Store(true)
-	clk.step(t, cfg.RenewInterval) // the renewal that panics, and the heartbeat armed again
+	clk.Step(t, cfg.RenewInterval) // the renewal that panics, and the heartbeat armed again
 	if logs.FilterMessageSnippet("heartbeat panicked").Len() == 0 {
 		t.Fatal("the heartbeat never ran into the panic")
 	}
@@ -351,7 +352,7 @@ func TestHeartbeatSurvivesAPanic(t *testing.T) {
 		if ok, err := waiter.TryLock(ctx, "issue_cert_panic.example.com"); ok || err != nil {
 			t.Fatalf("TryLock after the heartbeat panicked = %v, %v: the heartbeat stopped renewing", ok, err)
 		}
-		clk.step(t, 50*time.Millisecond)
+		clk.Step(t, 50*time.Millisecond)
 	}
 	if err := holder.Unlock(ctx, "issue_cert_panic.example.com"); err != nil {
 		t.Fatalf("Unlock: %v", err)

@@ -22,6 +22,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/caddy-headless/caddy-headless/internal/clock/clocktest"
 	"github.com/caddy-headless/caddy-headless/internal/poll"
 	"github.com/caddy-headless/caddy-headless/kubestore"
 	"github.com/caddy-headless/caddy-headless/kubestore/kubetest"
@@ -231,7 +232,7 @@ func TestCAWriterKilledHoldingTheLock(t *testing.T) {
 	api := kubetest.New(t, "caddy")
 	core, logs := observer.New(zap.InfoLevel)
 	dead := replicas(t, api, "caddy", 1, zap.New(core))[0]
-	clk := newFakeClock()
+	clk := clocktest.NewFake()
 	c0 := api.Config("caddy")
 	c0.Identity, c0.Clock = "replica-1", clk
 	survivor := mustNew(t, c0, zap.New(core))
@@ -263,7 +264,7 @@ func TestCAWriterKilledHoldingTheLock(t *testing.T) {
 	// unchanged for lease_duration.
 	var waited time.Duration
 	for api.LeaseHolder("caddy", leases[0]) == "dead/1" {
-		poll.Until(t, "the survivor on its poll timer", func() bool { return clk.armed() >= 1 || len(done) > 0 })
+		poll.Until(t, "the survivor on its poll timer", func() bool { return clk.Armed() >= 1 || len(done) > 0 })
 		if len(done) > 0 || api.LeaseHolder("caddy", leases[0]) != "dead/1" {
 			break
 		}
@@ -420,7 +421,7 @@ func TestCAPairWithAnotherKeyIsRegenerated(t *testing.T) {
 // not before.
 func TestCAWaitForALiveWriterIsBounded(t *testing.T) {
 	api := kubetest.New(t, "caddy")
-	clk := newFakeClock()
+	clk := clocktest.NewFake()
 	c := api.Config("caddy")
 	c.Identity, c.Clock = "replica-0", clk
 	holder := mustNew(t, c, nil)
@@ -432,7 +433,7 @@ func TestCAWaitForALiveWriterIsBounded(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer holder.Unlock(ctx, "pki_local_root")
-	clk.waitArmed(t, 1) // the heartbeat
+	clk.WaitArmed(t, 1) // the heartbeat
 	done := make(chan error, 1)
 	go func() {
 		_, err := waiter.Load(ctx, "pki/authorities/local/root.crt")
@@ -442,7 +443,7 @@ func TestCAWaitForALiveWriterIsBounded(t *testing.T) {
 	for {
 		// The heartbeat has renewed and the waiter is back on its poll
 		// timer, or the waiter has given up.
-		poll.Until(t, "the heartbeat and the waiting Load on their timers", func() bool { return clk.armed() >= 2 || len(done) > 0 })
+		poll.Until(t, "the heartbeat and the waiting Load on their timers", func() bool { return clk.Armed() >= 2 || len(done) > 0 })
 		if len(done) > 0 {
 			break
 		}

@@ -14,6 +14,8 @@ import (
 
 	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
+
+	"github.com/caddy-headless/caddy-headless/internal/clock"
 )
 
 // Config says where the storage keeps its objects and how it locks.
@@ -36,9 +38,13 @@ type Config struct {
 	// the pair (see pki.go). Zero: 2 minutes.
 	CAWriteTimeout time.Duration
 
-	// Clock measures how long a Lease went unchanged and times the waits of
-	// Lock, of the heartbeat and of a Load waiting for a CA pair's writer
-	// (see Clock). Nil: the real clock.
+	// Clock is the time a Storage measures Leases by and waits on: how long
+	// a Lease has gone unchanged, the poll of a waiting Lock, the heartbeat
+	// of a held one, a Load waiting for a CA pair's writer. Nil: the real
+	// clock, whose readings are monotonic, so a step of the wall clock
+	// expires no lock. Tests pass one they move by hand, instead of
+	// sleeping through lease durations (client-go's leader election takes
+	// a clock for the same reason).
 	Clock Clock `json:"-"`
 
 	// Now is the wall clock written into objects (modified times, Lease
@@ -85,7 +91,7 @@ func New(cfg Config, logger *zap.Logger) (*Storage, error) {
 		return nil, errors.New("request timeout and poll interval must be positive")
 	}
 	if cfg.Clock == nil {
-		cfg.Clock = realClock{}
+		cfg.Clock = clock.Real{}
 	}
 	if cfg.Now == nil {
 		cfg.Now = cfg.Clock.Now
