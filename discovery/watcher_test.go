@@ -237,12 +237,10 @@ func TestWatcherFirstFailureNamesService(t *testing.T) {
 	}
 }
 
-// Refresh is what every retried request calls (ResetCache): however often it
-// comes, lookups it asks for start at least minKickGap apart. The loop runs
-// on a clock the test drives, so nothing here depends on how fast the
-// machine is: while the clock stands still, no number of kicks makes a
-// lookup; once it has moved minKickGap, the kicks so far make exactly one.
-func TestWatcherKickIsRateLimited(t *testing.T) {
+// onFakeClock runs a watcher of frontend.bbs on a clock the test moves,
+// refreshing every hour unless kicked.
+func onFakeClock(t *testing.T) (*Watcher, *clocktest.Fake) {
+	t.Helper()
 	srv := dnstest.Start(t, bbsZone)
 	svc, err := ParseService("frontend:8001", Defaults{Namespace: "bbs"})
 	if err != nil {
@@ -254,6 +252,16 @@ func TestWatcherKickIsRateLimited(t *testing.T) {
 	w.clock = clk
 	w.Run()
 	t.Cleanup(w.Stop)
+	return w, clk
+}
+
+// Refresh is what every retried request calls (ResetCache): however often it
+// comes, lookups it asks for start at least minKickGap apart. The loop runs
+// on a clock the test drives, so nothing here depends on how fast the
+// machine is: while the clock stands still, no number of kicks makes a
+// lookup; once it has moved minKickGap, the kicks so far make exactly one.
+func TestWatcherKickIsRateLimited(t *testing.T) {
+	w, clk := onFakeClock(t)
 	poll.Until(t, "the first lookup", func() bool { s := w.Snapshot(); return s != nil && s.Seq == 1 })
 
 	for round := uint64(1); round <= 3; round++ {
@@ -289,17 +297,7 @@ func TestWatcherKickIsRateLimited(t *testing.T) {
 // one kick is sent, when the loop waits for its next refresh, and the test
 // moves the clock only once the loop has armed the gap's timer.
 func TestWatcherKickInTheGapIsServedAtItsEnd(t *testing.T) {
-	srv := dnstest.Start(t, bbsZone)
-	svc, err := ParseService("frontend:8001", Defaults{Namespace: "bbs"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	clk := clocktest.NewFake()
-	w := New(Config{Service: svc, IPv4: true, Resolver: &Resolver{Servers: []string{srv.Addr}},
-		RefreshMin: time.Hour, RefreshMax: time.Hour}, nil)
-	w.clock = clk
-	w.Run()
-	t.Cleanup(w.Stop)
+	w, clk := onFakeClock(t)
 	for round := uint64(1); round <= 3; round++ {
 		var s *Snapshot
 		poll.Until(t, "the loop to wait for the next refresh", func() bool {
