@@ -433,7 +433,11 @@ func (r *apiRun) once(ctx context.Context) error {
 	release()
 	if err != nil {
 		if kubeapi.IsGone(err) {
-			r.set.rv = "" // too old: list again
+			// kube-apiserver reports a resourceVersion too old for its watch
+			// cache as an ERROR event in the stream (below; k8s.io/apiserver
+			// cacher.Watch); a 410 on the request itself would come from
+			// something else on the way. Either way: list again.
+			r.set.rv = ""
 			return nil
 		}
 		return err
