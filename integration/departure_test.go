@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -355,17 +354,12 @@ func TestEndpointsLeaveAbruptly(t *testing.T) {
 	}
 
 	// The cache is detected on the cached path, and only there.
-	resp, err := http.Get(c.admin + "/headless/")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
 	var watchers []struct {
 		Resolvers   []string `json:"resolvers"`
 		Cached      bool     `json:"cached"`
 		CacheMaxAge float64  `json:"cache_max_age_seconds"`
 	}
-	if err := json.NewDecoder(resp.Body).Decode(&watchers); err != nil {
+	if err := getJSONInto(c.admin+"/headless/", &watchers); err != nil {
 		t.Fatal(err)
 	}
 	if len(watchers) != 3 {

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
-	"io"
 	"math"
 	"net"
 	"net/http"
@@ -236,21 +235,9 @@ type headlessWatcher struct {
 // wantHealth returns nil if GET /headless/ shows the service's endpoints
 // with exactly the given health (address → health).
 func (c *caddy) wantHealth(service string, want map[string]string) error {
-	resp, err := http.Get(c.admin + "/headless/")
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("GET /headless/: %s: %s", resp.Status, b)
-	}
 	var ws []headlessWatcher
-	if err := json.Unmarshal(b, &ws); err != nil {
-		return fmt.Errorf("GET /headless/: %w: %.300q", err, b)
+	if err := getJSONInto(c.admin+"/headless/", &ws); err != nil {
+		return err
 	}
 	for _, w := range ws {
 		if w.Service != service {
@@ -277,7 +264,11 @@ func (c *caddy) wantHealth(service string, want map[string]string) error {
 		}
 		return nil
 	}
-	return fmt.Errorf("GET /headless/: no watcher for %s in %.300q", service, b)
+	var names []string
+	for _, w := range ws {
+		names = append(names, w.Service)
+	}
+	return fmt.Errorf("GET /headless/: no watcher for %s (watchers: %v)", service, names)
 }
 
 // metric returns the value of the series of name with service="<service>"

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
-	"net/http"
 	"os"
 	"regexp"
 	"strconv"
@@ -142,15 +141,10 @@ func (s *suite) measureSource(t *testing.T, n, namespaces int, src, token string
 
 // resolvedWatchers counts the watchers of GET /headless/ that have endpoints.
 func (c *caddy) resolvedWatchers() (int, error) {
-	resp, err := http.Get(c.admin + "/headless/")
-	if err != nil {
-		return 0, err
-	}
-	defer resp.Body.Close()
 	var ws []struct {
 		Endpoints []json.RawMessage `json:"endpoints"`
 	}
-	if err := json.NewDecoder(resp.Body).Decode(&ws); err != nil {
+	if err := getJSONInto(c.admin+"/headless/", &ws); err != nil {
 		return 0, err
 	}
 	n := 0

@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -243,20 +242,14 @@ func (r *pkiReplica) wait() {
 
 // adminRoot is the local CA's root, PEM, from a Caddy admin API.
 func adminRoot(admin string) (string, error) {
-	resp, err := http.Get(admin + "/pki/ca/local")
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("GET /pki/ca/local: %s: %s", resp.Status, b)
-	}
 	var ca struct {
 		Root string `json:"root_certificate"`
 	}
-	if err := json.Unmarshal(b, &ca); err != nil || ca.Root == "" {
-		return "", fmt.Errorf("GET /pki/ca/local: no root in %s", b)
+	if err := getJSONInto(admin+"/pki/ca/local", &ca); err != nil {
+		return "", err
+	}
+	if ca.Root == "" {
+		return "", fmt.Errorf("GET /pki/ca/local: no root_certificate")
 	}
 	return ca.Root, nil
 }

@@ -3,6 +3,7 @@ package integration
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -368,16 +369,26 @@ type apiShape []struct {
 	Outcome string `json:"outcome"`
 }
 
+// getJSONInto decodes the JSON answer of GET url (an admin API's) into
+// into; an answer other than 200, or one that does not decode, is an error
+// that shows it.
 func getJSONInto(url string, into any) error {
 	resp, err := http.Get(url)
 	if err != nil {
 		return err
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("GET %s: %s", url, resp.Status)
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return err
 	}
-	return json.NewDecoder(resp.Body).Decode(into)
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET %s: %s: %.300s", url, resp.Status, b)
+	}
+	if err := json.Unmarshal(b, into); err != nil {
+		return fmt.Errorf("GET %s: %w: %.300q", url, err, b)
+	}
+	return nil
 }
 
 // cachedServices is how many Services the cached path's convergence is
